@@ -1,0 +1,236 @@
+"""Typed, frozen run configurations and the preset table.
+
+A run is described completely by one `RunConfig`, saved as JSON next to every run and inside every
+checkpoint. The CLI only builds configs: a preset, then budget flags, then `--set section.field=value`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field, replace
+
+from .errors import EctuneError
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """SongUNet (DDPM++) architecture; resolution, channels and label_dim come from the data."""
+    size: str = "small"                     # NETWORK_PRESETS key the fields below were taken from
+    model_channels: int = 32
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    channel_mult_emb: int = 4
+    num_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (7,)
+    dropout: float = 0.1
+    label_dropout: float = 0.0
+    img_resolution: int = 28
+    in_channels: int = 1
+    label_dim: int = 0                      # 0 = unconditional
+    sigma_data: float = 0.5
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """EDM pretraining loss (method "edm") or Easy Consistency Tuning (method "ect")."""
+    method: str = "edm"
+    P_mean: float = -1.2                    # ln σ ~ N(P_mean, P_std²)
+    P_std: float = 1.2
+    q: float = 2.0                          # ECT mapping function: Δt/t = n(t)/q^(s+1)
+    k: float = 8.0
+    b: float = 1.0
+    stages: int = 8                         # stage_iters = ceil(steps / stages) unless set
+    stage_iters: int = 0
+    c: float = 0.0                          # pseudo-Huber constant on the per-sample pixel sum
+    weighting: str = "inv_dt"               # "inv_dt": 1/(t − r); "snr": 1/t² + 1/σd²
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adam"                      # "adam" | "radam"
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0                   # linear lr ramp from 0
+    lr_ref_steps: int = 0                   # > 0: inverse-sqrt decay lr/√(max(step/ref, 1))
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    kind: str = "power"                     # "power" (EDM2, length ∝ run) | "fixed"
+    sigma_rel: float = 0.05
+    beta: float = 0.9999
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    heun_steps: int = 18                    # teacher sampler: EDM Heun, 2N − 1 NFE
+    t_max: float = 80.0
+    mid_ts: tuple[float, ...] = (0.821,)    # 2-step consistency sampler [t_max, *mid_ts]
+    grid: int = 64                          # images in the interval sample grids
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    kind: str = "pretrain"                  # "pretrain" | "tune"
+    preset: str = "fmnist"
+    data: str = "fashion-mnist"
+    teacher: str = ""                       # tune: run folder or weights file it starts from
+    batch: int = 128
+    steps: int = 1000                       # optimizer steps (iterations) of the run
+    seed: int = 0
+    ckpt_every: int = 500
+    sample_every: int = 1000
+    log_every: int = 50
+    keep_ckpts: int = 3
+    max_nonfinite: int = 20                 # consecutive skipped steps before the run stops
+    net: NetConfig = field(default_factory=NetConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    @property
+    def stage_iters(self) -> int:
+        """Iterations per ECT stage: explicit, or the run split into `loss.stages` stages."""
+        return self.loss.stage_iters or max(1, math.ceil(self.steps / self.loss.stages))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        return _build(cls, d, "")
+
+
+def _build(cls, d, prefix):
+    if not isinstance(d, dict):
+        raise EctuneError(f"config section {prefix or 'root'!r} must be an object, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise EctuneError(f"unknown config key(s) {sorted(prefix + k for k in unknown)}; "
+                          f"valid keys: {sorted(prefix + n for n in names)}")
+    kwargs = {}
+    for name, value in d.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, key):
+    """Check/convert a JSON or command-line value to the field's declared type."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise EctuneError(f"config {key} expects a list, got {value!r}")
+        elem = typing.get_args(hint)[0]
+        return tuple(_coerce(v, elem, key) for v in value)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return value.lower() in ("true", "1", "yes")
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if hint is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise EctuneError(f"config {key} has unsupported type {hint}")
+    raise EctuneError(f"config {key} expects {hint.__name__}, got {value!r}")
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply `section.field=value` strings (e.g. `loss.q=4`, `optim.lr=2e-4`, `batch=64`)."""
+    d = dataclasses.asdict(cfg)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise EctuneError(f"override {item!r} must look like section.field=value, e.g. loss.q=4")
+        *path, leaf = key.strip().split(".")
+        node = d
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                raise EctuneError(f"unknown config section {part!r} in {item!r}; run `ectune presets` to see keys")
+            node = node[part]
+        if leaf not in node or isinstance(node[leaf], dict):
+            raise EctuneError(f"unknown config key {key!r}; run `ectune presets --show NAME` to see keys")
+        node[leaf] = value.strip()
+    return RunConfig.from_dict(d)
+
+
+def _net(size: str, **overrides) -> NetConfig:
+    from .networks import NETWORK_PRESETS
+    p = dict(NETWORK_PRESETS[size])
+    p.update(overrides)
+    return NetConfig(size=size, **{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()})
+
+
+def _presets() -> dict[str, dict[str, RunConfig]]:
+    """The preset table: name → {"pretrain": RunConfig, "tune": RunConfig}."""
+    ect_loss = LossConfig(method="ect", P_mean=-1.1, P_std=2.0, q=2.0, stages=8)
+    radam = OptimConfig(name="radam", lr=1e-4, betas=(0.9, 0.999))
+    table = {
+        # Seconds on CPU: for tests and examples.
+        "tiny": dict(net=_net("tiny"), batch=16, steps=20, ckpt_every=10, sample_every=10, log_every=5,
+                     sample=SampleConfig(heun_steps=4, mid_ts=(1.5,), grid=16),
+                     pretrain=dict(optim=OptimConfig(lr=2e-3)), tune=dict(steps=20)),
+        # Fashion-MNIST 28x28 on a laptop CPU: ~1M parameters, ~170 img/s pretraining on 2 cores.
+        "fmnist": dict(net=_net("small"), batch=128, steps=10000, ckpt_every=500, sample_every=1000,
+                       sample=SampleConfig(mid_ts=(1.5,)),
+                       pretrain=dict(optim=OptimConfig(lr=1e-3, warmup_steps=200)),
+                       tune=dict(steps=2000)),
+        # ECT.md §7: CIFAR-10, DDPM++ 55.7M, batch 128, q = 2, 8 stages of 25k iterations, dropout 0.2.
+        "cifar10": dict(net=_net("ddpmpp", img_resolution=32, in_channels=3), batch=128, steps=200000,
+                        ckpt_every=5000, sample_every=10000, sample=SampleConfig(mid_ts=(0.821,)),
+                        pretrain=dict(batch=512, steps=390625, optim=OptimConfig(lr=1e-3, warmup_steps=19531),
+                                      ema=EMAConfig(kind="fixed", beta=0.999)),
+                        tune=dict(loss=replace(ect_loss, stage_iters=25000), net_dropout=0.2,
+                                  ema=EMAConfig(kind="fixed", beta=0.9999))),
+    }
+    out = {}
+    for name, p in table.items():
+        common = {k: v for k, v in p.items() if k not in ("pretrain", "tune")}
+        pre = RunConfig(kind="pretrain", preset=name, **common)
+        tune_kw = dict(p["tune"])
+        net = common["net"]
+        if "net_dropout" in tune_kw:
+            net = replace(net, dropout=tune_kw.pop("net_dropout"))
+        tune = RunConfig(kind="tune", preset=name, **{**common, "net": net, "loss": ect_loss,
+                                                       "optim": radam, **tune_kw})
+        out[name] = {"pretrain": replace(pre, **p["pretrain"]), "tune": tune}
+    return out
+
+
+def preset(name: str, kind: str) -> RunConfig:
+    """The preset `name` for a `kind` ("pretrain" or "tune") run."""
+    table = _presets()
+    if name not in table:
+        raise EctuneError(f"unknown preset {name!r}; choose one of {sorted(table)} (see `ectune presets`)")
+    return table[name][kind]
+
+
+def preset_names() -> list[str]:
+    return sorted(_presets())

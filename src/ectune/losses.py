@@ -1,0 +1,95 @@
+"""Training losses. Each calls only a denoiser D(x, σ) and returns a per-sample loss of shape (B,).
+
+All losses are deterministic given their inputs: noise levels and noise are arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Denoiser = Callable[..., torch.Tensor]
+
+
+def edm_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
+    """EDM's loss weight λ(σ) = (σ² + σd²)/(σ·σd)² (Karras et al. 2022, Table 1)."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def _bcast(v: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, 1, 1, 1)
+
+
+def _sum_pixels(v: torch.Tensor) -> torch.Tensor:
+    return v.flatten(1).sum(dim=1)
+
+
+def edm_loss(D: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, *,
+             sigma_data: float = 0.5, class_labels=None) -> torch.Tensor:
+    """EDM denoising loss (ECT.md §3): λ(σ)·‖D(x0 + σε, σ) − x0‖², summed over pixels. Returns (B,)."""
+    denoised = D(x0 + _bcast(sigma) * noise, sigma, class_labels)
+    return edm_weight(sigma, sigma_data) * _sum_pixels((denoised - x0) ** 2)
+
+
+def pseudo_huber(sq_dist: torch.Tensor, c: float) -> torch.Tensor:
+    """√(d + c²) − c on the per-sample squared L2 distance d (ECT §4.6; c = 0 is the plain L2 norm)."""
+    return (sq_dist + c * c).sqrt() - c
+
+
+def ect_weight(t: torch.Tensor, r: torch.Tensor, weighting: str, sigma_data: float = 0.5) -> torch.Tensor:
+    """ECT time weighting (§4.7): "inv_dt" w = 1/(t − r) (CIFAR-10), "snr" w = 1/t² + 1/σd² (ImageNet-64)."""
+    if weighting == "inv_dt":
+        return 1 / (t - r)
+    if weighting == "snr":
+        return 1 / t**2 + 1 / sigma_data**2
+    raise ValueError(f"unknown ECT weighting {weighting!r}; use 'inv_dt' or 'snr'")
+
+
+def _rng_state(device: torch.device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: torch.device, state) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def consistency_pair(D: Denoiser, x_t, t, x_r, r, *, class_labels=None):
+    """Online prediction D(x_t, t) with gradients and its stop-gradient target at r (ECT §4.4–4.5).
+
+    The target is D(x_r, r) from the same current weights under no_grad, evaluated with the *same*
+    dropout masks as the online branch (the RNG state is replayed), and x_r itself where r = 0 —
+    there D(x, 0) = x by the boundary condition, so D is never called at a noise level of 0.
+    Returns (online, target), both (B, C, H, W).
+    """
+    before = _rng_state(x_t.device)
+    online = D(x_t, t, class_labels)
+    after = _rng_state(x_t.device)
+    _set_rng_state(x_t.device, before)
+    positive = r > 0
+    with torch.no_grad():
+        r_safe = torch.where(positive, r, t)                 # rows with r = 0 are discarded below
+        target = D(x_r, r_safe, class_labels)
+        target = torch.where(_bcast(positive), target.to(online.dtype), x_r.to(online.dtype))
+    _set_rng_state(x_t.device, after)
+    return online, target.detach()
+
+
+def ect_loss(D: Denoiser, x0: torch.Tensor, t: torch.Tensor, r: torch.Tensor, noise: torch.Tensor, *,
+             c: float = 0.0, weighting: str = "inv_dt", sigma_data: float = 0.5,
+             class_labels=None) -> torch.Tensor:
+    """Easy Consistency Tuning loss (ECT.md §4, steps 3–7). Returns w(t, r)·d per sample, (B,).
+
+    One shared noise ε gives x_t = x0 + t·ε and x_r = x0 + r·ε; d = √(‖D(x_t,t) − sg[D(x_r,r)]‖² + c²) − c
+    with the squared norm summed over all pixels.
+    """
+    if not bool((r < t).all()) or not bool((r >= 0).all()):
+        raise ValueError("ect_loss needs 0 <= r < t for every sample")
+    x_t = x0 + _bcast(t) * noise
+    x_r = x0 + _bcast(r) * noise
+    online, target = consistency_pair(D, x_t, t, x_r, r, class_labels=class_labels)
+    d = pseudo_huber(_sum_pixels((online - target) ** 2), c)
+    return ect_weight(t, r, weighting, sigma_data) * d

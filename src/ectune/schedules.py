@@ -1,0 +1,53 @@
+"""Noise-level schedules: lognormal sampling, the Karras grid, ECT's mapping function t → r.
+
+Every function is pure; randomness enters through a generator argument.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def lognormal_sigma(n: int, P_mean: float, P_std: float, *, generator=None, device=None) -> torch.Tensor:
+    """ln σ ~ N(P_mean, P_std²) (EDM §5; ECT §4.1 for t). Returns (n,) float32."""
+    z = torch.randn(n, generator=generator, device=device)
+    return (P_mean + P_std * z).exp()
+
+
+def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                  *, append_zero: bool = True, dtype=torch.float64) -> torch.Tensor:
+    """EDM eq. 5: σ_i = (σmax^{1/ρ} + i/(N−1)·(σmin^{1/ρ} − σmax^{1/ρ}))^ρ, i < N, then σ_N = 0.
+
+    Returns (N+1,) with a trailing zero, or (N,) without it. N = 1 gives just [σmax(, 0)].
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    i = torch.arange(num_steps, dtype=dtype)
+    frac = i / max(num_steps - 1, 1)
+    sigmas = (sigma_max ** (1 / rho) + frac * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)]) if append_zero else sigmas
+
+
+def ect_stage(step: int, stage_iters: int) -> int:
+    """Stage index s = ⌊step / stage_iters⌋ (ECT §4.2; the pretrained DM is the skipped stage a = 0)."""
+    if stage_iters <= 0:
+        raise ValueError(f"stage_iters must be positive, got {stage_iters}")
+    return step // stage_iters
+
+
+def ect_r(t: torch.Tensor, stage: int, *, q: float = 2.0, k: float = 8.0, b: float = 1.0) -> torch.Tensor:
+    """ECT's mapping function (§4.2): n(t) = 1 + k·sigmoid(−b·t); r = max(0, t·(1 − n(t)/q^(s+1))).
+
+    Δt/t = n(t)/q^(s+1) shrinks with the stage s, so r → t as training proceeds; 0 ≤ r < t.
+    """
+    n = 1 + k * torch.sigmoid(-b * t)
+    r = t * (1 - n / q ** (stage + 1))
+    return r.clamp(min=0)
+
+
+def ict_num_levels(step: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
+    """iCT's exponential curriculum (Song & Dhariwal 2023, eq. 11): levels double from s0 to s1."""
+    k_prime = math.floor(total_steps / (math.log2(s1 / s0) + 1))
+    return min(s0 * 2 ** math.floor(step / max(k_prime, 1)), s1) + 1

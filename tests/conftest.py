@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+
+class GaussianDenoiser:
+    """Exact denoiser of data x0 ~ N(mu, s²) per pixel: D(x, σ) = mu + s²/(s² + σ²)·(x − mu).
+
+    Records every noise level it is called with.
+    """
+
+    def __init__(self, mu=0.3, s=0.5):
+        self.mu, self.s, self.calls = mu, s, []
+
+    def __call__(self, x, sigma, class_labels=None):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1)
+        self.calls.append(sigma.flatten().clone())
+        return self.mu + self.s**2 / (self.s**2 + sigma**2) * (x - self.mu)
+
+
+@pytest.fixture
+def gaussian_denoiser():
+    return GaussianDenoiser()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
