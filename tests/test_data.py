@@ -12,6 +12,7 @@ import struct
 import sys
 import tempfile
 import threading
+import types
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -452,6 +453,16 @@ def test_digits_without_sklearn(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(EctuneError, match="scikit-learn"):
         data.load_dataset("digits")
+
+
+def test_digits_scaling_with_a_stub_sklearn(monkeypatch: pytest.MonkeyPatch) -> None:
+    stub = types.ModuleType("sklearn.datasets")
+    bunch = types.SimpleNamespace(images=np.array([[[0.0, 8.0], [16.0, 1.0]]]), target=np.array([3]))
+    stub.load_digits = lambda: bunch  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "sklearn", types.ModuleType("sklearn"))
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", stub)
+    ds = data.load_dataset("digits")
+    assert ds.images.flatten().tolist() == [0, 128, 255, 16] and ds.labels.tolist() == [3]
 
 
 def test_digits_with_sklearn() -> None:

@@ -97,8 +97,8 @@ def cmd_pretrain(args) -> None:
         raise EctuneError(f"--cond needs class labels but {cfg.data} has none")
     net = replace(cfg.net, img_resolution=ds.images.shape[2], in_channels=ds.images.shape[1], label_dim=label_dim)
     cfg = _prepare_run(replace(cfg, net=net), Path(args.out))
-    train(cfg, Path(args.out), ds, build_denoiser(cfg.net), device=device, progress=not args.no_progress)
-    print(f"pretrain done: {args.out}")
+    state = train(cfg, Path(args.out), ds, build_denoiser(cfg.net, cfg.seed), device=device, progress=not args.no_progress)
+    _report(state, cfg, args.out)
 
 
 def cmd_tune(args) -> None:
@@ -120,8 +120,15 @@ def cmd_tune(args) -> None:
     cfg = _prepare_run(cfg, Path(args.out))
     D = build_denoiser(cfg.net)
     load_state_checked(D, split_prefix(tensors, "ema"), f"teacher {args.teacher}")
-    train(cfg, Path(args.out), ds, D, device=device, progress=not args.no_progress)
-    print(f"tune done: {args.out}")
+    state = train(cfg, Path(args.out), ds, D, device=device, progress=not args.no_progress)
+    _report(state, cfg, args.out)
+
+
+def _report(state, cfg: RunConfig, out) -> None:
+    if state.stop_requested:
+        raise KeyboardInterrupt(f"stopped at step {state.step}/{cfg.steps}; checkpoint saved in {out}; "
+                                "run the same command to continue")
+    print(f"{cfg.kind} done: {cfg.steps} steps ({cfg.steps * cfg.batch / 1000:.1f} kimg) in {out}")
 
 
 def cmd_sample(args) -> None:
@@ -211,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     except EctuneError as e:
         print(f"ectune: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ectune: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"ectune: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
     return 0
 

@@ -48,9 +48,7 @@ _GET_FMNIST = (
 )
 
 
-# ----------------------------------------------------------------------------- the dataset
-
-
+# --- the dataset
 @dataclass
 class ImageDataset:
     """A whole dataset in memory: images uint8 (N, C, H, W), labels int64 (N,) or None."""
@@ -111,9 +109,7 @@ def _dataset(images: np.ndarray, labels: np.ndarray | None, name: str) -> ImageD
     return ImageDataset(torch.from_numpy(np.ascontiguousarray(images)), lab, name)
 
 
-# ----------------------------------------------------------------------------- Fashion-MNIST (IDX)
-
-
+# --- Fashion-MNIST (IDX)
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file, gzipped or raw: magic 00 00 <dtype> <ndim>, ndim big-endian uint32 sizes, data.
 
@@ -208,9 +204,7 @@ def load_fashion_mnist(root: str | Path | None = None, split: str = "train") -> 
     return _dataset(images[:, None], labels, f"fashion-mnist-{split}")
 
 
-# ----------------------------------------------------------------------------- download
-
-
+# --- download
 def _md5(path: Path) -> str:
     """Hex md5 of a file, or "" if it cannot be read (so it is fetched again)."""
     digest = hashlib.md5(usedforsecurity=False)
@@ -243,7 +237,10 @@ def _download_one(url: str, target: Path, md5: str) -> None:
             )
         os.replace(tmp, target)
     except (OSError, http.client.HTTPException) as e:
-        raise EctuneError(f"could not download {url}: {e}; check the network, or {_GET_FMNIST}") from e
+        raise EctuneError(
+            f"could not download {url}: {e}; check the network or pass a mirror as base_url (--base-url), "
+            "or `sudo apt-get install dataset-fashion-mnist`"
+        ) from e
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -267,9 +264,7 @@ def download_fashion_mnist(
     return dest
 
 
-# ----------------------------------------------------------------------------- image folder
-
-
+# --- image folder
 def _to_array(im: Image.Image, path: Path) -> np.ndarray:
     """Pixels as uint8 (C, H, W): L/1/LA -> 1 channel; RGB, RGBA, P, CMYK, ... -> 3 channels.
 
@@ -365,9 +360,7 @@ def load_image_folder(path: str | Path) -> ImageDataset:
     return _dataset(np.stack(arrays), labels, root.resolve().name or str(root))
 
 
-# ----------------------------------------------------------------------------- .npz
-
-
+# --- .npz
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """The `images` and optional `labels` arrays of an .npz file (never unpickles)."""
     try:
@@ -380,7 +373,7 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         except Exception as e:  # numpy/zipfile raise many types on a bad file; all mean "not an npz"
             raise EctuneError(f"{path} is not a readable .npz file ({e}); save one with numpy.savez") from e
         if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise EctuneError(f"{path} is a single .npy array, not an .npz; save it with numpy.savez(path, images=...)")
+            raise EctuneError(f"{path} is a single .npy array, not an .npz; save it with numpy.savez(path, images=x)")
         with archive:
             return _npz_arrays(archive, path)
 
@@ -388,7 +381,7 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 def _npz_arrays(archive: np.lib.npyio.NpzFile, path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """Decode `images` and, if present, `labels` from an open archive."""
     if "images" not in archive.files:
-        raise EctuneError(f"{path} has keys {archive.files} but no 'images'; save it with numpy.savez(path, images=...)")
+        raise EctuneError(f"{path} has keys {archive.files} but no 'images'; save with numpy.savez(path, images=x)")
     try:
         labels = archive["labels"] if "labels" in archive.files else None
         return archive["images"], labels
@@ -428,19 +421,17 @@ def load_npz(path: str | Path) -> ImageDataset:
     if labels is not None:
         ok = np.issubdtype(labels.dtype, np.integer) and labels.shape == (len(images),)
         if not ok or (labels.size and labels.min() < 0):
-            raise EctuneError(f"{path}: labels must be {len(images)} integers >= 0, got {labels.dtype} {labels.shape}")
+            raise EctuneError(f"{path}: labels must be {len(images)} ints >= 0, got {labels.dtype} {labels.shape}")
     return _dataset(images, labels, path.stem)
 
 
-# ----------------------------------------------------------------------------- digits and dispatch
-
-
+# --- digits and dispatch
 def load_digits() -> ImageDataset:
     """scikit-learn's 8x8 digits: images uint8 (1797, 1, 8, 8) scaled from 0..16 to 0..255, labels 0..9."""
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError as e:
-        raise EctuneError("the 'digits' dataset needs scikit-learn: pip install scikit-learn, or use fashion-mnist") from e
+        raise EctuneError("dataset 'digits' needs scikit-learn: pip install scikit-learn, or use fashion-mnist") from e
     bunch = sklearn_digits()
     images = np.rint(np.asarray(bunch.images, dtype=np.float64) * (255.0 / 16.0)).astype(np.uint8)
     return _dataset(images[:, None], np.asarray(bunch.target), "digits")
@@ -469,9 +460,7 @@ def load_dataset(spec: str, split: str = "train") -> ImageDataset:
     )
 
 
-# ----------------------------------------------------------------------------- sampler
-
-
+# --- sampler
 class BatchSampler:
     """Deterministic infinite stream of index batches over n items, resumable exactly.
 
@@ -483,7 +472,7 @@ class BatchSampler:
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, position: int = 0):
         if n < 1 or batch_size < 1 or position < 0:
-            raise EctuneError(f"sampler needs n >= 1, batch_size >= 1, position >= 0; got {n}, {batch_size}, {position}")
+            raise EctuneError(f"sampler needs n, batch_size >= 1 and position >= 0; got {n}, {batch_size}, {position}")
         if world_size < 1 or not 0 <= rank < world_size or batch_size % world_size:
             raise EctuneError(
                 f"batch_size {batch_size} must divide evenly over world_size {world_size} "
@@ -538,9 +527,7 @@ class BatchSampler:
         self.position = int(state["position"])
 
 
-# ----------------------------------------------------------------------------- command line
-
-
+# --- command line
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m ectune.data download fashion-mnist [--dest DIR] [--base-url URL]`; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m ectune.data", description="Fetch ectune datasets.")

@@ -13,11 +13,13 @@ from .networks import SongUNet
 from .precond import EDMPrecond
 
 
-def build_denoiser(net: NetConfig) -> EDMPrecond:
-    """EDMPrecond(SongUNet(...)) for a NetConfig."""
+def build_denoiser(net: NetConfig, seed: int = 0) -> EDMPrecond:
+    """EDMPrecond(SongUNet(...)) for a NetConfig, initialised from `seed` (global RNG untouched)."""
     kwargs = {f.name: getattr(net, f.name) for f in dataclasses.fields(net) if f.name not in ("size", "sigma_data")}
-    return EDMPrecond(SongUNet(out_channels=net.in_channels, **kwargs), sigma_data=net.sigma_data,
-                      label_dim=net.label_dim)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return EDMPrecond(SongUNet(out_channels=net.in_channels, **kwargs), sigma_data=net.sigma_data,
+                          label_dim=net.label_dim)
 
 
 def load_denoiser(path, *, which: str = "ema", device="cpu") -> tuple[EDMPrecond, RunConfig]:

@@ -6,8 +6,11 @@ Checkpoints carry everything needed to continue: weights, EMA, optimizer, RNG an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +75,7 @@ class TrainState:
     gen: torch.Generator
     step: int = 0
     nonfinite_total: int = 0
+    stop_requested: bool = False
 
 
 def state_tensors(s: TrainState) -> dict[str, torch.Tensor]:
@@ -139,8 +143,29 @@ def train(cfg: RunConfig, run_dir: Path, ds: ImageDataset, D: torch.nn.Module, *
     ckpts = ckpt.list_checkpoints(run_dir)
     if ckpts:
         restore(ckpts[-1], s)
-    _loop(cfg, run_dir, ds, s, device, progress)
+    with _stop_on_signal(s):
+        _loop(cfg, run_dir, ds, s, device, progress)
+    if s.stop_requested:
+        save(run_dir, cfg, s)
     return s
+
+
+@contextlib.contextmanager
+def _stop_on_signal(s: TrainState):
+    """SIGINT/SIGTERM ask the loop to stop after the current iteration (then it checkpoints)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        s.stop_requested = True
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def _loop(cfg, run_dir, ds, s: TrainState, device, progress):
@@ -151,7 +176,7 @@ def _loop(cfg, run_dir, ds, s: TrainState, device, progress):
     t_last, n_last, bad_run = time.perf_counter(), s.step, 0
     log = open(run_dir / "log.jsonl", "a")
     try:
-        while s.step < cfg.steps:
+        while s.step < cfg.steps and not s.stop_requested:
             idx = s.sampler.next_batch().to(device)
             x0 = images[idx].to(torch.float32) / 127.5 - 1
             loss, info = batch_loss(cfg, s.D, x0, None if labels is None else labels[idx], s.step, s.gen)
