@@ -184,12 +184,14 @@ class SongUNet(nn.Module):
         """Raise EctuneError early when shapes do not fit this network."""
         expected = (self.in_channels, self.img_resolution, self.img_resolution)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise EctuneError(f"SongUNet expects x of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+            shape = ", ".join(map(str, expected))
+            raise EctuneError(f"SongUNet expects x of shape (B, {shape}), got {tuple(x.shape)}")
         if noise_labels.shape != (x.shape[0],):
             raise EctuneError(f"noise_labels must have shape ({x.shape[0]},), got {tuple(noise_labels.shape)}")
         if class_labels is not None and self.label_dim == 0:
             raise EctuneError("this network is unconditional (label_dim=0) but class_labels were given")
         if class_labels is not None and class_labels.shape != (x.shape[0], self.label_dim):
             raise EctuneError(
-                f"class_labels must have shape ({x.shape[0]}, {self.label_dim}) (one-hot), got {tuple(class_labels.shape)}"
+                f"class_labels must have shape ({x.shape[0]}, {self.label_dim}) (one-hot), "
+                f"got {tuple(class_labels.shape)}"
             )
