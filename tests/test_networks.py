@@ -114,7 +114,8 @@ def test_ddpmpp_parameter_names_follow_edm_hierarchy():
 
 
 @pytest.mark.parametrize(
-    "preset, low, high", [("tiny", 0, 100_000), ("small", 700_000, 1_500_000), ("medium", 3_000_000, 6_000_000)]
+    "preset, low, high", [("tiny", 0, 100_000), ("small", 700_000, 1_000_000), ("medium", 1_000_000, 1_500_000),
+                          ("large", 3_000_000, 6_000_000)]
 )
 def test_preset_sizes(preset, low, high):
     assert low < count_parameters(build_network(preset, img_resolution=28, in_channels=1)) < high

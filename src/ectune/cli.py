@@ -168,6 +168,18 @@ def cmd_presets(args) -> None:
               f"tune: batch {cfg.batch}, {cfg.steps} it, q={cfg.loss.q}, lr {cfg.optim.lr}")
 
 
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+    from .models import resolve_device
+    if args.minutes <= 0 or args.n < 10:
+        raise EctuneError("--minutes must be positive and --n at least 10")
+    try:
+        run_demo(Path(args.out), minutes=args.minutes, n=args.n, device=resolve_device(args.device),
+                 progress=not args.no_progress, steps=args.steps)
+    except ValueError as e:
+        raise EctuneError(str(e)) from None
+
+
 def cmd_download(args) -> None:
     from .data import download_fashion_mnist
     dest = download_fashion_mnist(Path(args.dest).expanduser())
@@ -204,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", help="print one preset's full config as JSON")
     p.add_argument("--kind", default="tune", choices=["pretrain", "tune"])
     p.set_defaults(func=cmd_presets)
+    p = sub.add_parser("demo", help="tune the shipped Fashion-MNIST teacher and compare, in minutes")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--minutes", type=float, default=10.0, help="wall-time budget for the whole demo")
+    p.add_argument("--n", type=int, default=1000, help="samples per evaluated row")
+    p.add_argument("--steps", type=int, help="fixed number of tuning steps instead of the time budget")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
     p = sub.add_parser("download", help="download Fashion-MNIST from its official URL (checksummed)")
     p.add_argument("dataset", choices=["fashion-mnist"])
     p.add_argument("--dest", default="~/.cache/ectune/fashion-mnist")

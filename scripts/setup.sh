@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for ectune: Fashion-MNIST from Debian (when apt is there), a virtual
+# environment in .venv with the CPU build of PyTorch, and ectune itself with its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null \
+        || echo "setup: could not install dataset-fashion-mnist; run 'ectune download fashion-mnist' instead"
+fi
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# A CPU build of torch where one is available (CUDA machines: install your own torch first).
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0" \
+    || .venv/bin/python -m pip install -q torch
+.venv/bin/python -m pip install -q -e ".[dev]"
+echo "setup: done; activate with 'source .venv/bin/activate'"

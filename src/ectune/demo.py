@@ -1,0 +1,197 @@
+"""`ectune demo`: tune the shipped Fashion-MNIST teacher with ECT on a fixed time budget, then put
+teacher (Heun, 3/9/35 NFE) and ECT (1/2 NFE) side by side on the same seeds, with numbers.
+
+Writes into the output folder: tune/ (the ECT run), grid.png, report.json, report.md, quality_vs_nfe.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import replace
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .checkpoint import load_state_checked, read_weights, split_prefix
+from .config import RunConfig, preset
+from .data import load_fashion_mnist
+from .images import grid_image, to_uint8
+from .models import build_denoiser, load_denoiser
+from .sampling import default_consistency_times, heun_nfe, sample_images
+from .training import train
+
+TEACHER_HEUN_STEPS = (2, 5, 18)        # Heun N → NFE 3, 9, 35
+EVAL_NFE_PER_SAMPLE = sum(heun_nfe(n) for n in TEACHER_HEUN_STEPS) + 1 + 2 + 1 + 2
+
+
+def shipped_teacher() -> Path:
+    """Path of the Fashion-MNIST teacher that ships with ectune (EMA weights + config)."""
+    return Path(str(resources.files("ectune") / "assets" / "fmnist-teacher.safetensors"))
+
+
+def _seconds_per_step(cfg: RunConfig, D, ds, device, steps: int = 3) -> float:
+    """Time a few ECT iterations on a throwaway copy to size the step budget."""
+    import copy
+    import tempfile
+    probe = replace(cfg, steps=steps + 1, ckpt_every=10**9, sample_every=10**9, log_every=10**9)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        train(probe, Path(tmp), ds, copy.deepcopy(D), device=device, progress=False)
+        return (time.perf_counter() - t0) / (steps + 1)
+
+
+def _forward_rate(D, device, batch: int = 250) -> float:
+    """Images per second of one no-grad forward pass (sizes the evaluation)."""
+    x = torch.randn(batch, 1, 28, 28, device=device)
+    with torch.no_grad():
+        D(x, torch.full((batch,), 1.0, device=device))
+        t0 = time.perf_counter()
+        D(x, torch.full((batch,), 1.0, device=device))
+    return batch / (time.perf_counter() - t0)
+
+
+def tune_config(minutes: float, n_eval: int, D, ds, device, steps: int | None = None) -> RunConfig:
+    """The fmnist tune preset with a step budget that fits the time left after evaluation
+    (or exactly `steps` steps)."""
+    t_cfg, _, _ = read_weights(shipped_teacher())
+    cfg = preset("fmnist", "tune")
+    cfg = replace(cfg, teacher=str(shipped_teacher()), net=replace(t_cfg.net, dropout=cfg.net.dropout),
+                  batch=64, ckpt_every=100, sample_every=10**9, log_every=10)
+    if steps is not None:
+        return replace(cfg, steps=steps, loss=replace(cfg.loss, stage_iters=math.ceil(steps / cfg.loss.stages)))
+    eval_s = 1.15 * n_eval * EVAL_NFE_PER_SAMPLE / _forward_rate(D, device)
+    tune_s = minutes * 60 - eval_s - 40
+    if tune_s < 30:
+        raise ValueError(f"--minutes {minutes} leaves no time to tune after evaluating {n_eval} samples; "
+                         f"raise --minutes or lower --n")
+    steps = int(min(tune_s / _seconds_per_step(replace(cfg, steps=8), D, ds, device), 20000))
+    steps = max(steps, 8)
+    return replace(cfg, steps=steps, loss=replace(cfg.loss, stage_iters=math.ceil(steps / cfg.loss.stages)))
+
+
+def _rows_to_run(mid_ts) -> list[dict]:
+    rows = [dict(model="teacher", weights="ema", sampler=f"heun-{n}", nfe=heun_nfe(n), heun_steps=n)
+            for n in TEACHER_HEUN_STEPS]
+    for weights in ("ema", "online"):
+        for k in (1, 2):
+            ts = default_consistency_times(k, mid_ts)
+            rows.append(dict(model="ect", weights=weights, sampler=f"consistency-{k}", nfe=k, ts=ts))
+    return rows
+
+
+def evaluate(models: dict, seeds: list[int], mid_ts, device, progress=None) -> tuple[list[dict], dict]:
+    """FD (classifier features, vs the Fashion-MNIST test set) for every row; returns rows and samples."""
+    from .metrics import classifier_features, frechet_distance, reference_stats
+    mu_r, sigma_r, _ = reference_stats("test")
+    rows, samples = [], {}
+    for row in _rows_to_run(mid_ts):
+        D = models[(row["model"], row["weights"])]
+        sampler = "heun" if row["model"] == "teacher" else "consistency"
+        t0 = time.perf_counter()
+        x = sample_images(D, seeds, (1, 28, 28), sampler=sampler, ts=row.get("ts", (80.0,)),
+                          heun_steps=row.get("heun_steps", 18), device=device)
+        row["seconds_per_image"] = (time.perf_counter() - t0) / len(seeds)
+        feats = classifier_features(to_uint8(x))
+        row["fd"] = float(frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), mu_r, sigma_r))
+        row["num_samples"] = len(seeds)
+        samples[(row["model"], row["weights"], row["nfe"])] = x[:10]
+        if progress:
+            progress(row)
+        rows.append({k: v for k, v in row.items() if k != "heun_steps"})
+    return rows, samples
+
+
+def comparison_grid(samples: dict, path: Path) -> None:
+    """Rows: teacher Heun-35, teacher Heun-9, ECT 1-step, ECT 2-step, each on seeds 0..9, labelled."""
+    order = [("teacher Heun 35 NFE", ("teacher", "ema", 35)), ("teacher Heun 9 NFE", ("teacher", "ema", 9)),
+             ("ECT 1 step", ("ect", "ema", 1)), ("ECT 2 steps", ("ect", "ema", 2))]
+    strips = [grid_image(to_uint8(samples[key]), cols=10) for _, key in order]
+    label_w, (w, h) = 150, strips[0].size
+    canvas = Image.new("L", (label_w + w, h * len(strips)), 255)
+    draw = ImageDraw.Draw(canvas)
+    for i, ((label, _), strip) in enumerate(zip(order, strips)):
+        canvas.paste(strip.convert("L"), (label_w, i * h))
+        draw.text((6, i * h + h // 2 - 6), label, fill=0)
+    canvas = canvas.resize((canvas.width * 2, canvas.height * 2), Image.NEAREST)
+    canvas.save(path)
+
+
+def write_report(out: Path, rows: list[dict], meta: dict) -> None:
+    (out / "report.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    lines = [f"# ectune demo report", "", f"{meta['machine']}; tuning {meta['tune_steps']} steps "
+             f"({meta['tune_images']} images, {meta['tune_seconds']:.0f} s); FD in the features of ectune's "
+             f"Fashion-MNIST classifier against the 10k test images, {meta['num_samples']} samples per row, "
+             "same seeds in every row.", "",
+             "| model | weights | sampler | NFE | FD | seconds/image |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['weights']} | {r['sampler']} | {r['nfe']} | {r['fd']:.2f} | "
+              f"{r['seconds_per_image']:.4f} |" for r in rows]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    _plot(out / "quality_vs_nfe.png", rows)
+
+
+def _plot(path: Path, rows: list[dict]) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    t = [r for r in rows if r["model"] == "teacher"]
+    ax.plot([r["nfe"] for r in t], [r["fd"] for r in t], "o-", label="teacher (EDM Heun)")
+    for weights, mark in (("ema", "s-"), ("online", "^--")):
+        e = [r for r in rows if r["model"] == "ect" and r["weights"] == weights]
+        ax.plot([r["nfe"] for r in e], [r["fd"] for r in e], mark, label=f"ECT ({weights} weights)")
+    ax.set(xscale="log", yscale="log", xlabel="network evaluations (NFE)", ylabel="FD (classifier features)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_demo(out: Path, *, minutes: float = 10.0, n: int = 1000, device=torch.device("cpu"),
+             progress: bool = True, log=print, steps: int | None = None) -> dict:
+    """The whole demo; returns the report dict. Refuses a non-demo folder; redoes a previous demo."""
+    import platform
+    import shutil
+    from .errors import EctuneError
+    start = time.perf_counter()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / ".ectune-demo").exists():
+        raise EctuneError(f"{out} exists and holds something other than an ectune demo; choose another --out")
+    shutil.rmtree(out / "tune", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".ectune-demo").write_text("folder written by `ectune demo`\n")
+    teacher, t_cfg = load_denoiser(shipped_teacher(), device=device)
+    ds = load_fashion_mnist(split="train")
+    _, tensors, _ = read_weights(shipped_teacher())
+    D = build_denoiser(replace(t_cfg.net, dropout=preset("fmnist", "tune").net.dropout))
+    load_state_checked(D, split_prefix(tensors, "ema"), "shipped teacher")
+    cfg = tune_config(minutes - (time.perf_counter() - start) / 60, n, D, ds, device, steps)
+    log(f"demo: tuning the shipped teacher with ECT for {cfg.steps} steps of batch {cfg.batch} "
+        f"(sized to finish in {minutes:g} minutes)")
+    (out / "tune").mkdir()
+    (out / "tune" / "config.json").write_text(cfg.to_json())
+    t0 = time.perf_counter()
+    state = train(cfg, out / "tune", ds, D, device=device, progress=progress)
+    tune_seconds = time.perf_counter() - t0
+    models = {("teacher", "ema"): teacher, ("ect", "ema"): state.ema.module.eval(),
+              ("ect", "online"): state.D.eval()}
+    log(f"demo: evaluating {n} samples per row")
+    rows, samples = evaluate(models, list(range(n)), cfg.sample.mid_ts, device,
+                             progress=lambda r: log(f"  {r['model']:7s} {r['weights']:6s} {r['sampler']:14s} "
+                                                    f"NFE {r['nfe']:2d}  FD {r['fd']:8.2f}"))
+    comparison_grid(samples, out / "grid.png")
+    meta = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, device {device}",
+            "tune_steps": cfg.steps, "tune_batch": cfg.batch, "tune_images": cfg.steps * cfg.batch,
+            "tune_seconds": tune_seconds, "teacher_images": 3840000, "num_samples": n,
+            "mid_ts": list(cfg.sample.mid_ts), "metric": "FD, ectune Fashion-MNIST classifier features",
+            "total_seconds": time.perf_counter() - start}
+    write_report(out, rows, meta)
+    log(f"demo: done in {meta['total_seconds'] / 60:.1f} min; see {out}/report.md and {out}/grid.png")
+    return {**meta, "rows": rows}

@@ -1,0 +1,64 @@
+"""The shipped teacher and the demo path (on a tiny budget)."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ectune.checkpoint import read_weights
+from ectune.demo import shipped_teacher
+from ectune.models import build_denoiser, load_denoiser
+from ectune.networks import count_parameters
+
+
+def test_shipped_teacher_loads_and_config_matches_weights():
+    cfg, tensors, meta = read_weights(shipped_teacher())
+    assert cfg.kind == "pretrain" and cfg.net.img_resolution == 28 and cfg.net.in_channels == 1
+    D = build_denoiser(cfg.net)
+    ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    assert set(ema) == set(D.state_dict()) and all(ema[k].shape == v.shape for k, v in D.state_dict().items())
+    D, _ = load_denoiser(shipped_teacher())
+    assert count_parameters(D) == sum(v.numel() for k, v in ema.items() if k in dict(D.named_parameters()))
+    x = D(torch.randn(2, 1, 28, 28) * 80, torch.full((2,), 80.0))
+    assert torch.isfinite(x).all()
+
+
+def test_shipped_teacher_card_matches_file():
+    card = json.loads((Path(shipped_teacher()).with_suffix(".json")).read_text())
+    assert hashlib.sha256(Path(shipped_teacher()).read_bytes()).hexdigest() == card["sha256"]
+    assert card["images"] == card["steps"] * card["batch"]
+    assert Path(shipped_teacher()).stat().st_size < 10 * 2**20
+
+
+def _have_fmnist():
+    from ectune.data import load_fashion_mnist
+    from ectune.errors import EctuneError
+    try:
+        load_fashion_mnist(split="test")
+        return True
+    except EctuneError:
+        return False
+
+
+@pytest.mark.skipif(not _have_fmnist(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path):
+    from ectune.cli import main
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "3", "--n", "24", "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = report["rows"]
+    assert sorted(r["nfe"] for r in rows if r["model"] == "teacher") == [3, 9, 35]
+    assert {(r["model"], r["nfe"]) for r in rows} >= {("ect", 1), ("ect", 2)}
+    for r in rows:
+        assert r["fd"] >= 0 and r["seconds_per_image"] > 0 and r["sampler"]
+    assert report["tune_steps"] == 3
+    assert (out / "grid.png").is_file() and (out / "report.md").is_file()
+    assert "| teacher |" in (out / "report.md").read_text()
+    # a second demo into the same folder redoes it; a foreign folder is refused
+    assert main(["demo", "--out", str(out), "--steps", "3", "--n", "24", "--no-progress"]) == 0
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("mine")
+    assert main(["demo", "--out", str(tmp_path / "other"), "--steps", "3", "--n", "24", "--no-progress"]) == 2
+    assert (tmp_path / "other" / "keep.txt").read_text() == "mine"
