@@ -56,9 +56,24 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path):
     assert report["tune_steps"] == 3
     assert (out / "grid.png").is_file() and (out / "report.md").is_file()
     assert "| teacher |" in (out / "report.md").read_text()
-    # a second demo into the same folder redoes it; a foreign folder is refused
-    assert main(["demo", "--out", str(out), "--steps", "3", "--n", "24", "--no-progress"]) == 0
+    # a folder that holds something else is refused before any work, and left as it was
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("mine")
     assert main(["demo", "--out", str(tmp_path / "other"), "--steps", "3", "--n", "24", "--no-progress"]) == 2
     assert (tmp_path / "other" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.skipif(not _have_fmnist(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_eval_writes_metrics_with_provenance(tmp_path):
+    from ectune.cli import main
+    from ectune.evaluate import file_sha256
+    from ectune.metrics import classifier_hash
+    out = tmp_path / "r.json"
+    assert main(["eval", "--ckpt", str(shipped_teacher()), "--sampler", "heun", "--num-steps", "3", "--n", "30",
+                 "--seed", "5", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["fd"] > 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
+    assert r["sampler"] == {"name": "heun", "num_steps": 3, "nfe": 5}
+    assert r["seeds"] == [5, 35] and r["num_samples"] == 30
+    assert r["checkpoint_sha256"] == file_sha256(shipped_teacher())
+    assert r["feature_network_sha256"] == classifier_hash() and len(r["reference_stats_sha256"]) == 64

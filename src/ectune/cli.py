@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -117,6 +118,9 @@ def cmd_tune(args) -> None:
     if (ds.images.shape[1], ds.images.shape[2]) != want:
         raise EctuneError(f"data {cfg.data} is {ds.images.shape[1]}x{ds.images.shape[2]}px (channels x size) but "
                           f"the teacher expects {want[0]}x{want[1]}px; tune on data of the teacher's shape")
+    if cfg.net.label_dim and (ds.labels is None or ds.num_classes > cfg.net.label_dim):
+        raise EctuneError(f"the teacher is class-conditional ({cfg.net.label_dim} classes) but {cfg.data} has "
+                          "no labels in that range; tune on labelled data")
     cfg = _prepare_run(cfg, Path(args.out))
     D = build_denoiser(cfg.net)
     load_state_checked(D, split_prefix(tensors, "ema"), f"teacher {args.teacher}")
@@ -153,6 +157,32 @@ def cmd_sample(args) -> None:
     save_samples(x, args.out, seeds)
     what = f"heun {args.num_steps} steps" if sampler == "heun" else f"consistency ts={[round(t, 4) for t in ts]}"
     print(f"wrote {args.n} samples ({what}) to {args.out}")
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import provenance, reference, score_samples
+    from .models import load_denoiser, resolve_device
+    from .sampling import default_consistency_times, heun_nfe, sample_images
+    device = resolve_device(args.device)
+    D, cfg = load_denoiser(args.ckpt, which=args.weights, device=device)
+    if (cfg.net.in_channels, cfg.net.img_resolution) != (1, 28):
+        raise EctuneError("ectune eval measures Fashion-MNIST-shaped models (1x28x28) in its classifier's features")
+    sampler = args.sampler or ("heun" if cfg.kind == "pretrain" else "consistency")
+    ts = args.ts or default_consistency_times(args.steps, cfg.sample.mid_ts, cfg.sample.t_max)
+    seeds = list(range(args.seed, args.seed + args.n))
+    ref = reference()
+    t0 = time.perf_counter()
+    x = sample_images(D, seeds, (1, 28, 28), sampler=sampler, ts=ts, heun_steps=args.num_steps,
+                      batch=args.batch, device=device)
+    seconds = time.perf_counter() - t0
+    spec = ({"name": "heun", "num_steps": args.num_steps, "nfe": heun_nfe(args.num_steps)} if sampler == "heun"
+            else {"name": "consistency", "ts": list(ts), "nfe": len(ts)})
+    result = {**score_samples(x, ref), "seconds_per_image": seconds / args.n,
+              **provenance(args.ckpt, spec, seeds, ref[3], args.weights)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"FD {result['fd']:.3f}  KID {result['kid']:.3f}  precision {result['precision']:.3f}  "
+          f"recall {result['recall']:.3f}  ({args.n} samples, {spec['name']}, NFE {spec['nfe']}) -> {args.out}")
 
 
 def cmd_presets(args) -> None:
@@ -212,6 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help=".png grid or .npz (uint8 NxCxHxW + seeds)")
     p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("eval", help="score samples of a checkpoint (classifier FD, KID, precision/recall)")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--steps", type=int, default=1, help="consistency sampler steps")
+    p.add_argument("--ts", type=float, nargs="+", help="explicit consistency times")
+    p.add_argument("--sampler", choices=["consistency", "heun"])
+    p.add_argument("--num-steps", type=int, default=18, help="Heun noise levels N (NFE = 2N-1)")
+    p.add_argument("--n", type=int, default=10000, help="number of samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", default="ema", help="ema | net")
+    p.add_argument("--batch", type=int, default=500)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="JSON result file")
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("presets", help="list presets with their parameter counts")
     p.add_argument("--show", help="print one preset's full config as JSON")
     p.add_argument("--kind", default="tune", choices=["pretrain", "tune"])

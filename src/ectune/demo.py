@@ -13,7 +13,6 @@ from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -89,8 +88,8 @@ def _rows_to_run(mid_ts) -> list[dict]:
 
 def evaluate(models: dict, seeds: list[int], mid_ts, device, progress=None) -> tuple[list[dict], dict]:
     """FD (classifier features, vs the Fashion-MNIST test set) for every row; returns rows and samples."""
-    from .metrics import classifier_features, frechet_distance, reference_stats
-    mu_r, sigma_r, _ = reference_stats("test")
+    from .evaluate import reference, score_samples
+    ref = reference()
     rows, samples = [], {}
     for row in _rows_to_run(mid_ts):
         D = models[(row["model"], row["weights"])]
@@ -99,9 +98,7 @@ def evaluate(models: dict, seeds: list[int], mid_ts, device, progress=None) -> t
         x = sample_images(D, seeds, (1, 28, 28), sampler=sampler, ts=row.get("ts", (80.0,)),
                           heun_steps=row.get("heun_steps", 18), device=device)
         row["seconds_per_image"] = (time.perf_counter() - t0) / len(seeds)
-        feats = classifier_features(to_uint8(x))
-        row["fd"] = float(frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), mu_r, sigma_r))
-        row["num_samples"] = len(seeds)
+        row.update(score_samples(x, ref), num_samples=len(seeds))
         samples[(row["model"], row["weights"], row["nfe"])] = x[:10]
         if progress:
             progress(row)
@@ -130,9 +127,10 @@ def write_report(out: Path, rows: list[dict], meta: dict) -> None:
              f"({meta['tune_images']} images, {meta['tune_seconds']:.0f} s); FD in the features of ectune's "
              f"Fashion-MNIST classifier against the 10k test images, {meta['num_samples']} samples per row, "
              "same seeds in every row.", "",
-             "| model | weights | sampler | NFE | FD | seconds/image |", "|---|---|---|---|---|---|"]
+             "| model | weights | sampler | NFE | FD | precision | recall | seconds/image |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['weights']} | {r['sampler']} | {r['nfe']} | {r['fd']:.2f} | "
-              f"{r['seconds_per_image']:.4f} |" for r in rows]
+              f"{r['precision']:.3f} | {r['recall']:.3f} | {r['seconds_per_image']:.4f} |" for r in rows]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     _plot(out / "quality_vs_nfe.png", rows)
 
