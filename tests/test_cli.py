@@ -146,3 +146,10 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"\x00" * 64)
     assert main(["sample", "--ckpt", str(bad), "--out", str(tmp_path / "g.png")]) == 2
+
+
+@pytest.mark.parametrize("cmd", ["pretrain", "tune", "sample", "eval", "demo", "presets", "download"])
+def test_every_command_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0 and "usage: ectune" in capsys.readouterr().out

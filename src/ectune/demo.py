@@ -33,15 +33,16 @@ def shipped_teacher() -> Path:
     return Path(str(resources.files("ectune") / "assets" / "fmnist-teacher.safetensors"))
 
 
-def _seconds_per_step(cfg: RunConfig, D, ds, device, steps: int = 3) -> float:
-    """Time a few ECT iterations on a throwaway copy to size the step budget."""
+def _seconds_per_step(cfg: RunConfig, D, ds, device, steps: int = 4) -> float:
+    """Time a few ECT iterations on a throwaway copy to size the step budget (the loop's own
+    images/s, so the probe's final checkpoint and grids do not count)."""
     import copy
     import tempfile
-    probe = replace(cfg, steps=steps + 1, ckpt_every=10**9, sample_every=10**9, log_every=10**9)
+    probe = replace(cfg, steps=steps, ckpt_every=10**9, sample_every=10**9, log_every=10**9)
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
         train(probe, Path(tmp), ds, copy.deepcopy(D), device=device, progress=False)
-        return (time.perf_counter() - t0) / (steps + 1)
+        last = json.loads((Path(tmp) / "log.jsonl").read_text().splitlines()[-1])
+    return cfg.batch / last["img_per_s"]
 
 
 def _forward_rate(D, device, batch: int = 250) -> float:
@@ -66,8 +67,8 @@ def tune_config(minutes: float, n_eval: int, D, ds, device, steps: int | None = 
                   optim=replace(cfg.optim, lr=3e-4), sample=replace(cfg.sample, mid_ts=(2.5,)))
     if steps is not None:
         return replace(cfg, steps=steps, loss=replace(cfg.loss, stage_iters=math.ceil(steps / cfg.loss.stages)))
-    eval_s = 1.15 * n_eval * EVAL_NFE_PER_SAMPLE / _forward_rate(D, device)
-    tune_s = minutes * 60 - eval_s - 40
+    eval_s = 1.1 * n_eval * EVAL_NFE_PER_SAMPLE / _forward_rate(D, device)
+    tune_s = minutes * 60 - eval_s - 30
     if tune_s < 30:
         raise ValueError(f"--minutes {minutes} leaves no time to tune after evaluating {n_eval} samples; "
                          f"raise --minutes or lower --n")
