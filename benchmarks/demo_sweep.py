@@ -8,7 +8,6 @@ Writes benchmarks/results/demo_sweep.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import tempfile
 import time
@@ -16,14 +15,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ectune.checkpoint import load_state_checked, read_weights, split_prefix
+from ectune.checkpoint import read_weights
 from ectune.data import load_fashion_mnist
 from ectune.demo import shipped_teacher, tune_config
 from ectune.images import to_uint8
 from ectune.metrics import classifier_features, frechet_distance, reference_stats
-from ectune.models import build_denoiser, load_denoiser, resolve_device
+from ectune.models import load_denoiser, resolve_device, student_from
 from ectune.sampling import sample_images
 from ectune.training import train
 
@@ -56,7 +54,7 @@ def main():
     ds = load_fashion_mnist()
     _, tensors, _ = read_weights(shipped_teacher())
     settings = [
-        dict(name="lr1e-4", set={}),
+        dict(name="lr1e-4", set=dict(lr=1e-4)),
         dict(name="lr3e-4", set=dict(lr=3e-4)),
         dict(name="lr1e-3", set=dict(lr=1e-3)),
         dict(name="lr3e-4_q4", set=dict(lr=3e-4), q=4.0),
@@ -69,10 +67,10 @@ def main():
     for s in settings:
         base = tune_config(10, 10, None, ds, device, steps=args.steps)
         cfg = replace(base, optim=replace(base.optim, **s["set"]), batch=s.get("batch", base.batch),
+                      seed=s.get("seed", base.seed),
                       loss=replace(base.loss, q=s.get("q", base.loss.q), stage_iters=s.get("stage_iters", base.loss.stage_iters)),
                       ema=replace(base.ema, sigma_rel=s.get("sigma_rel", base.ema.sigma_rel)))
-        D = build_denoiser(cfg.net)
-        load_state_checked(D, split_prefix(tensors, "ema"), "teacher")
+        D = student_from(tensors, cfg.net, "teacher")
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             st = train(cfg, Path(tmp), ds, D, device=device, progress=False)

@@ -103,8 +103,8 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    from .checkpoint import load_state_checked, read_weights, split_prefix
-    from .models import build_denoiser, resolve_device
+    from .checkpoint import read_weights
+    from .models import resolve_device, student_from
     from .training import train
     t_cfg, tensors, _ = read_weights(args.teacher)
     base = preset(args.preset or t_cfg.preset, "tune")
@@ -122,8 +122,7 @@ def cmd_tune(args) -> None:
         raise EctuneError(f"the teacher is class-conditional ({cfg.net.label_dim} classes) but {cfg.data} has "
                           "no labels in that range; tune on labelled data")
     cfg = _prepare_run(cfg, Path(args.out))
-    D = build_denoiser(cfg.net)
-    load_state_checked(D, split_prefix(tensors, "ema"), f"teacher {args.teacher}")
+    D = student_from(tensors, cfg.net, f"teacher {args.teacher}")
     state = train(cfg, Path(args.out), ds, D, device=device, progress=not args.no_progress)
     _report(state, cfg, args.out)
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .checkpoint import load_state_checked, read_weights, split_prefix
+from .checkpoint import read_weights
 from .config import RunConfig, preset
 from .data import load_fashion_mnist
 from .images import grid_image, to_uint8
-from .models import build_denoiser, load_denoiser
+from .models import student_from
 from .sampling import default_consistency_times, heun_nfe, sample_images
 from .training import train
 
@@ -124,7 +124,7 @@ def comparison_grid(samples: dict, path: Path) -> None:
 
 def write_report(out: Path, rows: list[dict], meta: dict) -> None:
     (out / "report.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
-    lines = [f"# ectune demo report", "", f"{meta['machine']}; tuning {meta['tune_steps']} steps "
+    lines = ["# ectune demo report", "", f"{meta['machine']}; tuning {meta['tune_steps']} steps "
              f"({meta['tune_images']} images, {meta['tune_seconds']:.0f} s); FD in the features of ectune's "
              f"Fashion-MNIST classifier against the 10k test images, {meta['num_samples']} samples per row, "
              "same seeds in every row.", "",
@@ -169,11 +169,10 @@ def run_demo(out: Path, *, minutes: float = 10.0, n: int = 1000, device=torch.de
     shutil.rmtree(out / "tune", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / ".ectune-demo").write_text("folder written by `ectune demo`\n")
-    teacher, t_cfg = load_denoiser(shipped_teacher(), device=device)
+    t_cfg, tensors, _ = read_weights(shipped_teacher())
+    teacher = student_from(tensors, t_cfg.net, "shipped teacher").to(device).eval()
+    D = student_from(tensors, replace(t_cfg.net, dropout=preset("fmnist", "tune").net.dropout), "shipped teacher")
     ds = load_fashion_mnist(split="train")
-    _, tensors, _ = read_weights(shipped_teacher())
-    D = build_denoiser(replace(t_cfg.net, dropout=preset("fmnist", "tune").net.dropout))
-    load_state_checked(D, split_prefix(tensors, "ema"), "shipped teacher")
     cfg = tune_config(minutes - (time.perf_counter() - start) / 60, n, D, ds, device, steps)
     log(f"demo: tuning the shipped teacher with ECT for {cfg.steps} steps of batch {cfg.batch} "
         f"(sized to finish in {minutes:g} minutes)")

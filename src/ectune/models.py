@@ -22,6 +22,13 @@ def build_denoiser(net: NetConfig, seed: int = 0) -> EDMPrecond:
                           label_dim=net.label_dim)
 
 
+def student_from(tensors: dict[str, torch.Tensor], net: NetConfig, source: str) -> EDMPrecond:
+    """A denoiser of architecture `net` initialised from a checkpoint's EMA weights (ECT's start)."""
+    D = build_denoiser(net)
+    load_state_checked(D, split_prefix(tensors, "ema"), source)
+    return D
+
+
 def load_denoiser(path, *, which: str = "ema", device="cpu") -> tuple[EDMPrecond, RunConfig]:
     """The online ("net") or averaged ("ema") denoiser stored at `path`, in eval mode."""
     if which not in ("ema", "net"):
