@@ -77,10 +77,10 @@ def _prepare_run(cfg: RunConfig, out: Path) -> RunConfig:
     return cfg
 
 
-def _load_data(spec: str, cfg: RunConfig):
+def _load_data(spec: str):
     from .data import load_dataset
     ds = load_dataset(spec)
-    c, h, w = ds.images.shape[1:]
+    h, w = ds.images.shape[2:]
     if h != w:
         raise EctuneError(f"images must be square for the UNet, got {h}x{w}; crop or resize the dataset")
     return ds
@@ -92,7 +92,7 @@ def cmd_pretrain(args) -> None:
     base = preset(args.preset or "fmnist", "pretrain")
     cfg = _configure(args, base)
     device = resolve_device(args.device)
-    ds = _load_data(cfg.data, cfg)
+    ds = _load_data(cfg.data)
     label_dim = ds.num_classes if args.cond else cfg.net.label_dim
     if label_dim and ds.labels is None:
         raise EctuneError(f"--cond needs class labels but {cfg.data} has none")
@@ -113,7 +113,7 @@ def cmd_tune(args) -> None:
     cfg = _configure(args, base)
     cfg = replace(cfg, loss=replace(cfg.loss, stage_iters=cfg.stage_iters))     # freeze the stage schedule
     device = resolve_device(args.device)
-    ds = _load_data(cfg.data, cfg)
+    ds = _load_data(cfg.data)
     want = (cfg.net.in_channels, cfg.net.img_resolution)
     if (ds.images.shape[1], ds.images.shape[2]) != want:
         raise EctuneError(f"data {cfg.data} is {ds.images.shape[1]}x{ds.images.shape[2]}px (channels x size) but "
