@@ -65,7 +65,7 @@ def main():
         settings = json.loads(args.settings)
     mids = [float(m) for m in args.mids.split(",")]
     for s in settings:
-        base = tune_config(10, 10, None, ds, device, steps=args.steps)
+        base = tune_config(t_cfg.net, 10, 10, None, ds, device, steps=args.steps)
         cfg = replace(base, optim=replace(base.optim, **s["set"]), batch=s.get("batch", base.batch),
                       seed=s.get("seed", base.seed),
                       loss=replace(base.loss, q=s.get("q", base.loss.q), stage_iters=s.get("stage_iters", base.loss.stage_iters)),

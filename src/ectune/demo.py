@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .checkpoint import read_weights
-from .config import RunConfig, preset
+from .config import NetConfig, RunConfig, preset
 from .data import load_fashion_mnist
 from .errors import EctuneError
 from .evaluate import reference
@@ -60,15 +60,15 @@ def _forward_rate(D, device, batch: int = 250) -> float:
     return batch / (time.perf_counter() - t0)
 
 
-def tune_config(minutes: float | None, n_eval: int, D, ds, device, steps: int | None = None) -> RunConfig:
+def tune_config(teacher_net: NetConfig, minutes: float | None, n_eval: int, D, ds, device,
+                steps: int | None = None) -> RunConfig:
     """The fmnist tune preset with a step budget that fits the time left after evaluation
     (or exactly `steps` steps)."""
-    t_cfg, _, _ = read_weights(shipped_teacher())
     cfg = preset("fmnist", "tune")
     # Demo settings, from benchmarks/demo_sweep.py at the demo's budget (~320 steps of 64, CPU):
     # the paper's lr 1e-4 was stable (2-step FD 123) where 3e-4 diverged in the last stages
     # (408 and 241 on two seeds); mid time 2.5 beat 0.8 and 1.5 for 2-step sampling.
-    cfg = replace(cfg, teacher=str(shipped_teacher()), net=replace(t_cfg.net, dropout=cfg.net.dropout),
+    cfg = replace(cfg, teacher=str(shipped_teacher()), net=replace(teacher_net, dropout=cfg.net.dropout),
                   batch=64, ckpt_every=100, sample_every=10**9, log_every=10,
                   sample=replace(cfg.sample, mid_ts=(2.5,)))
     if steps is not None:
@@ -183,7 +183,7 @@ def run_demo(out: Path, *, minutes: float | None = None, n: int = 1000, device=t
     D = student_from(tensors, replace(t_cfg.net, dropout=preset("fmnist", "tune").net.dropout), "shipped teacher")
     ds = load_fashion_mnist(split="train")
     left = None if minutes is None else minutes - (time.perf_counter() - start) / 60
-    cfg = tune_config(left, n, D, ds, device, steps)
+    cfg = tune_config(t_cfg.net, left, n, D, ds, device, steps)
     log(f"demo: tuning the shipped teacher with ECT for {cfg.steps} steps of batch {cfg.batch}"
         + (f" (sized to finish in {minutes:g} minutes)" if steps is None else ""))
     (out / "tune").mkdir()
