@@ -100,12 +100,12 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(npz_data, tmp_path, m
     assert main(common + ["--out", str(tmp_path / "full")]) == 0
     real_loss = training.batch_loss
 
-    def interrupting(cfg, D, x0, labels, step, gen):     # a SIGINT arrives during step 3
-        if step == 3 and not getattr(interrupting, "done", False):
+    def interrupting(cfg, D, x0, labels, draws, teacher=None):     # a SIGINT arrives during step 3
+        if draws.step == 3 and not getattr(interrupting, "done", False):
             interrupting.done = True
             import os, signal
             os.kill(os.getpid(), signal.SIGINT)
-        return real_loss(cfg, D, x0, labels, step, gen)
+        return real_loss(cfg, D, x0, labels, draws, teacher)
 
     monkeypatch.setattr(training, "batch_loss", interrupting)
     assert main(common + ["--out", str(tmp_path / "cut")]) == 130

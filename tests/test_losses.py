@@ -130,3 +130,75 @@ def test_ect_loss_deterministic_given_inputs_and_advances_rng_once():
     torch.manual_seed(3)
     D(x0, t)                               # the loss draws exactly one forward pass of dropout noise
     assert torch.equal(torch.randn(1), after_loss)
+
+
+def test_pseudo_huber_with_c0_has_a_finite_gradient_at_zero_distance():
+    from ectune.losses import pseudo_huber
+    d = torch.zeros(3, requires_grad=True)
+    pseudo_huber(d, 0.0).sum().backward()
+    assert torch.isfinite(d.grad).all()
+    assert pseudo_huber(torch.tensor([4.0]), 0.0).item() == 2.0
+
+
+def _exact_ode(x_t, t, r, s=0.5, mu=0.3):
+    """PF-ODE of Gaussian data N(mu, s²): x(σ) − mu scales with √(s² + σ²)."""
+    ratio = ((s**2 + r**2) / (s**2 + t**2)).sqrt().reshape(-1, 1, 1, 1)
+    return mu + (x_t - mu) * ratio
+
+
+def test_teacher_ode_step_euler_and_heun_against_the_exact_flow(gaussian_denoiser):
+    from ectune.losses import teacher_ode_step
+    x_t = torch.randn(4, 1, 4, 4, dtype=torch.float64) * 3
+    t = torch.tensor([3.0, 1.0, 0.5, 2.0], dtype=torch.float64)
+    r = torch.tensor([2.7, 0.9, 0.0, 1.8], dtype=torch.float64)
+    euler = teacher_ode_step(gaussian_denoiser, x_t, t, r, solver="euler")
+    heun = teacher_ode_step(gaussian_denoiser, x_t, t, r, solver="heun")
+    d_t = (x_t - gaussian_denoiser(x_t, t)) / t.reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(euler, x_t + (r - t).reshape(-1, 1, 1, 1) * d_t)
+    exact = _exact_ode(x_t, t, r)
+    err_e = (euler - exact).flatten(1).abs().max(1).values
+    err_h = (heun - exact).flatten(1).abs().max(1).values
+    pos = r > 0
+    assert (err_h[pos] < 0.2 * err_e[pos]).all()                               # second order beats first
+    torch.testing.assert_close(heun[2], gaussian_denoiser(x_t[2:3], t[2:3])[0])  # r = 0: the teacher's x0
+    assert not any((c == 0).any() for c in gaussian_denoiser.calls)             # never called at σ = 0
+
+
+def test_cd_loss_matches_its_formula_per_sample(gaussian_denoiser):
+    from ectune.losses import cd_loss, teacher_ode_step
+    student = GaussianStudent()
+    x0, noise = torch.randn(4, 1, 4, 4, dtype=torch.float64), torch.randn(4, 1, 4, 4, dtype=torch.float64)
+    t = torch.tensor([3.0, 1.0, 0.5, 2.0], dtype=torch.float64)
+    r = torch.tensor([2.7, 0.0, 0.4, 1.8], dtype=torch.float64)
+    got = cd_loss(student, gaussian_denoiser, x0, t, r, noise, c=0.03)
+    for i in range(4):
+        x_t = x0[i:i + 1] + t[i] * noise[i:i + 1]
+        x_r = teacher_ode_step(gaussian_denoiser, x_t, t[i:i + 1], r[i:i + 1])
+        target = x_r if r[i] == 0 else student(x_r, r[i:i + 1])
+        d = ((student(x_t, t[i:i + 1]) - target) ** 2).sum().item()
+        want = (math.sqrt(d + 0.03**2) - 0.03) / (t[i] - r[i]).item()
+        assert math.isclose(got[i].item(), want, rel_tol=1e-10)
+
+
+def test_cd_differs_from_ect_only_in_the_r_point(gaussian_denoiser):
+    """With the exact denoiser as teacher, x_r from the teacher's ODE lies on the trajectory of x_t;
+    ECT's x_r = x0 + r·ε does not — so the two losses differ, and CD with an exact student is ~0."""
+    from ectune.losses import cd_loss
+    x0, noise = torch.randn(6, 1, 4, 4, dtype=torch.float64), torch.randn(6, 1, 4, 4, dtype=torch.float64)
+    t = torch.full((6,), 1.0, dtype=torch.float64)
+    r = torch.full((6,), 0.95, dtype=torch.float64)
+
+    def consistency_fn(x, sigma, class_labels=None):      # the exact consistency function of the Gaussian
+        return _exact_ode(x, torch.as_tensor(sigma).reshape(-1), torch.zeros(x.shape[0], dtype=x.dtype))
+
+    cd = cd_loss(consistency_fn, gaussian_denoiser, x0, t, r, noise)
+    ect = ect_loss(consistency_fn, x0, t, r, noise)
+    assert cd.max() < 1e-3 * ect.min()
+
+
+class GaussianStudent:
+    """A denoiser-shaped function with no special relation to the teacher (for formula checks)."""
+
+    def __call__(self, x, sigma, class_labels=None):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1)
+        return 0.7 * x / (1 + sigma) + 0.1 * sigma

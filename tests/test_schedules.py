@@ -69,3 +69,25 @@ def test_ict_curriculum_doubles_from_10_to_1280():
     levels = [ict_num_levels(k, total) for k in range(0, total, 1000)]
     assert levels[0] == 11 and levels[-1] == 1281
     assert sorted(set(levels)) == [11, 21, 41, 81, 161, 321, 641, 1281]
+
+
+def test_ict_pairs_are_adjacent_karras_levels_drawn_by_the_discretised_lognormal():
+    from math import erf, log, sqrt
+    from ectune.schedules import ict_t_r
+    levels = 11
+    grid = karras_sigmas(levels, append_zero=False).flip(0).float()            # ascending σ_1 < … < σ_N
+    t, r = ict_t_r(200000, levels, P_mean=-1.1, P_std=2.0, generator=torch.Generator().manual_seed(0))
+    i = torch.searchsorted(grid, r)
+    assert torch.equal(grid[i], r) and torch.equal(grid[i + 1], t)            # r = σ_i, t = σ_{i+1}
+    assert (r >= 0.002 - 1e-6).all() and (t <= 80 + 1e-3).all()
+    cdf = [erf((log(s) - (-1.1)) / (sqrt(2) * 2.0)) for s in grid.double().tolist()]
+    p = torch.tensor([b - a for a, b in zip(cdf, cdf[1:])])
+    p /= p.sum()
+    freq = torch.bincount(i, minlength=levels - 1).double() / len(i)
+    assert (freq - p).abs().max() < 0.005                                      # 200k draws: σ ≈ 0.001
+
+
+def test_ict_needs_two_levels():
+    from ectune.schedules import ict_t_r
+    with pytest.raises(ValueError):
+        ict_t_r(4, 1)

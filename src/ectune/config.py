@@ -11,6 +11,7 @@ import json
 import math
 import typing
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from .errors import EctuneError
 
@@ -34,7 +35,8 @@ class NetConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """EDM pretraining loss (method "edm") or Easy Consistency Tuning (method "ect")."""
+    """The training objective: EDM pretraining ("edm"), Easy Consistency Tuning ("ect"), and the
+    baselines consistency training from scratch ("ict", iCT's schedule) and distillation ("cd")."""
     method: str = "edm"
     P_mean: float = -1.2                    # ln σ ~ N(P_mean, P_std²)
     P_std: float = 1.2
@@ -45,6 +47,9 @@ class LossConfig:
     stage_iters: int = 0
     c: float = 0.0                          # pseudo-Huber constant on the per-sample pixel sum
     weighting: str = "inv_dt"               # "inv_dt": 1/(t − r); "snr": 1/t² + 1/σd²
+    ict_s0: int = 10                        # iCT: discretisation levels double from s0 to s1
+    ict_s1: int = 1280
+    cd_solver: str = "heun"                 # CD: the teacher's ODE step from t to r ("heun" | "euler")
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,16 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    """How a run executes, not what it computes; may change when a run is continued."""
+    precision: str = "auto"                 # "auto" (bf16 on GPUs that have it, else fp32) | "fp32" | "bf16" | "fp16"
+    micro_batch: int = 0                    # > 0: per-process chunks of this size, gradients accumulated
+    compile: bool = False                   # torch.compile the network (opt-in)
+    channels_last: bool = False             # NHWC memory format (faster convolutions on recent GPUs)
+    tf32: bool = True                       # TF32 matmuls/convolutions on Ampere+ GPUs
+
+
+@dataclass(frozen=True)
 class RunConfig:
     kind: str = "pretrain"                  # "pretrain" | "tune"
     preset: str = "fmnist"
@@ -91,6 +106,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     @property
     def stage_iters(self) -> int:
@@ -102,7 +118,42 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        return _build(cls, d, "")
+        cfg = _build(cls, d, "")
+        _check_values(cfg)
+        return cfg
+
+
+def read_config(path) -> RunConfig:
+    """The RunConfig saved as JSON at `path` (a run's config.json); EctuneError if it cannot be used."""
+    try:
+        return RunConfig.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, ValueError, RecursionError) as e:     # JSON and UTF-8 errors are ValueErrors
+        raise EctuneError(f"{path} is not a readable ectune config ({type(e).__name__}: {e})") from None
+
+
+# Smallest allowed value of the numeric fields that would otherwise fail deep inside a run.
+_AT_LEAST = {"batch": 1, "steps": 1, "ckpt_every": 1, "sample_every": 1, "log_every": 1, "keep_ckpts": 0,
+             "max_nonfinite": 1, "net.model_channels": 1, "net.channel_mult_emb": 1, "net.num_blocks": 1,
+             "net.img_resolution": 1, "net.in_channels": 1, "net.label_dim": 0, "loss.stages": 1,
+             "loss.stage_iters": 0, "optim.lr": 0, "optim.warmup_steps": 0, "optim.lr_ref_steps": 0,
+             "sample.heun_steps": 1, "sample.grid": 1}
+
+
+def _check_values(cfg: RunConfig) -> None:
+    """Refuse values no run can use (a zero cadence, an empty network, ...) before anything is written."""
+    for key, low in _AT_LEAST.items():
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, name)
+        if value < low:
+            raise EctuneError(f"config {key} must be >= {low}, got {value}")
+    n, e = cfg.net, cfg.ema
+    if not n.channel_mult or min(n.channel_mult) < 1:
+        raise EctuneError(f"config net.channel_mult must be a non-empty list of ints >= 1, got {n.channel_mult}")
+    if not (0 <= n.dropout < 1 and n.sigma_data > 0):
+        raise EctuneError(f"config needs 0 <= net.dropout < 1 and net.sigma_data > 0, got {n.dropout}, {n.sigma_data}")
+    if e.kind not in ("power", "fixed") or (e.kind == "power" and not 0 < e.sigma_rel < 0.28) or not 0 <= e.beta <= 1:
+        raise EctuneError(f"config ema must be kind=power with 0 < sigma_rel < 0.28 or kind=fixed with "
+                          f"0 <= beta <= 1, got kind={e.kind!r}, sigma_rel={e.sigma_rel}, beta={e.beta}")
 
 
 def _build(cls, d, prefix):
@@ -132,8 +183,10 @@ def _coerce(value, hint, key):
             value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise EctuneError(f"config {key} expects a list, got {value!r}")
-        elem = typing.get_args(hint)[0]
-        return tuple(_coerce(v, elem, key) for v in value)
+        elems = typing.get_args(hint)
+        if elems[-1] is not Ellipsis and len(value) != len(elems):
+            raise EctuneError(f"config {key} expects {len(elems)} values, got {len(value)}")
+        return tuple(_coerce(v, elems[0], key) for v in value)
     try:
         if hint is bool:
             if isinstance(value, str):
@@ -148,7 +201,7 @@ def _coerce(value, hint, key):
                 raise ValueError
             return int(value)
         if hint is float:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not math.isfinite(float(value)):
                 raise ValueError
             return float(value)
         if hint is str:

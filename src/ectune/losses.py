@@ -33,7 +33,13 @@ def edm_loss(D: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Te
 
 
 def pseudo_huber(sq_dist: torch.Tensor, c: float) -> torch.Tensor:
-    """√(d + c²) − c on the per-sample squared L2 distance d (ECT §4.6; c = 0 is the plain L2 norm)."""
+    """√(d + c²) − c on the per-sample squared L2 distance d (ECT §4.6; c = 0 is the plain L2 norm).
+
+    With c = 0 the gradient of √d is infinite at d = 0 (e.g. a CD student equal to its teacher), so d
+    is floored at 1e-30 there: the value changes by at most 1e-15 and the gradient stays finite.
+    """
+    if c == 0:
+        return sq_dist.clamp_min(1e-30).sqrt()
     return (sq_dist + c * c).sqrt() - c
 
 
@@ -90,6 +96,45 @@ def ect_loss(D: Denoiser, x0: torch.Tensor, t: torch.Tensor, r: torch.Tensor, no
         raise ValueError("ect_loss needs 0 <= r < t for every sample")
     x_t = x0 + _bcast(t) * noise
     x_r = x0 + _bcast(r) * noise
+    online, target = consistency_pair(D, x_t, t, x_r, r, class_labels=class_labels)
+    d = pseudo_huber(_sum_pixels((online - target) ** 2), c)
+    return ect_weight(t, r, weighting, sigma_data) * d
+
+
+@torch.no_grad()
+def teacher_ode_step(teacher: Denoiser, x_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor, *,
+                     solver: str = "heun", class_labels=None) -> torch.Tensor:
+    """One PF-ODE step of a frozen diffusion teacher from (x_t, t) down to r, per sample (CD's x_r).
+
+    Euler: x_r = x_t + (r − t)·d_t with d_t = (x_t − T(x_t, t))/t; Heun adds EDM's correction with d at
+    (x_r, r) where r > 0. Where r = 0 both give T(x_t, t), so the teacher is never called at σ = 0.
+    """
+    if solver not in ("euler", "heun"):
+        raise ValueError(f"unknown CD solver {solver!r}; use 'euler' or 'heun'")
+    d_t = (x_t - teacher(x_t, t, class_labels)) / _bcast(t)
+    x_r = x_t + _bcast(r - t) * d_t
+    if solver == "euler":
+        return x_r
+    positive = r > 0
+    r_safe = torch.where(positive, r, t)                     # rows with r = 0 keep the Euler result
+    d_r = (x_r - teacher(x_r, r_safe, class_labels)) / _bcast(r_safe)
+    heun = x_t + _bcast(r - t) * (d_t + d_r) / 2
+    return torch.where(_bcast(positive), heun, x_r)
+
+
+def cd_loss(D: Denoiser, teacher: Denoiser, x0: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
+            noise: torch.Tensor, *, c: float = 0.0, weighting: str = "inv_dt", sigma_data: float = 0.5,
+            solver: str = "heun", class_labels=None) -> torch.Tensor:
+    """Consistency distillation (Song et al. 2023) with ECT's distance and weighting, (B,).
+
+    Identical to `ect_loss` except for the r-point: x_r is one teacher ODE step from x_t
+    (`teacher_ode_step`) instead of x0 + r·ε with the shared noise. The target is the stop-gradient
+    student at (x_r, r), or x_r itself where r = 0.
+    """
+    if not bool((r < t).all()) or not bool((r >= 0).all()):
+        raise ValueError("cd_loss needs 0 <= r < t for every sample")
+    x_t = x0 + _bcast(t) * noise
+    x_r = teacher_ode_step(teacher, x_t, t, r, solver=solver, class_labels=class_labels).to(x_t.dtype)
     online, target = consistency_pair(D, x_t, t, x_r, r, class_labels=class_labels)
     d = pseudo_huber(_sum_pixels((online - target) ** 2), c)
     return ect_weight(t, r, weighting, sigma_data) * d

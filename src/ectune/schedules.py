@@ -51,3 +51,19 @@ def ict_num_levels(step: int, total_steps: int, s0: int = 10, s1: int = 1280) ->
     """iCT's exponential curriculum (Song & Dhariwal 2023, eq. 11): levels double from s0 to s1."""
     k_prime = math.floor(total_steps / (math.log2(s1 / s0) + 1))
     return min(s0 * 2 ** math.floor(step / max(k_prime, 1)), s1) + 1
+
+
+def ict_t_r(n: int, num_levels: int, *, P_mean: float = -1.1, P_std: float = 2.0, sigma_min: float = 0.002,
+            sigma_max: float = 80.0, rho: float = 7.0, generator=None, device=None):
+    """iCT's discrete noise pairs (Song & Dhariwal 2023, §3.5): Karras levels σ_1 < … < σ_N and
+    i ~ p(i) ∝ erf((ln σ_{i+1} − P_mean)/(√2·P_std)) − erf((ln σ_i − P_mean)/(√2·P_std)).
+
+    Returns (t, r) = (σ_{i+1}, σ_i), each (n,) float32; r ≥ σ_min > 0.
+    """
+    if num_levels < 2:
+        raise ValueError(f"iCT needs at least 2 noise levels, got {num_levels}")
+    levels = karras_sigmas(num_levels, sigma_min, sigma_max, rho, append_zero=False).flip(0)   # ascending
+    cdf = torch.erf((levels.log() - P_mean) / (math.sqrt(2) * P_std))
+    i = torch.multinomial((cdf[1:] - cdf[:-1]).float().to(device), n, replacement=True, generator=generator)
+    levels = levels.float().to(device)
+    return levels[i + 1], levels[i]

@@ -19,14 +19,15 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import RunConfig
 from .data import BatchSampler, ImageDataset
 from .ema import EMA
 from .errors import EctuneError
 from .images import save_samples
-from .losses import ect_loss, edm_loss
+from .losses import cd_loss, ect_loss, edm_loss
 from .sampling import default_consistency_times, sample_images
-from .schedules import ect_r, ect_stage, lognormal_sigma
+from .schedules import ect_r, ect_stage, ict_num_levels, ict_t_r, lognormal_sigma
 
 
 def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
@@ -49,26 +50,77 @@ def lr_at(cfg: RunConfig, step: int) -> float:
     return lr
 
 
-def batch_loss(cfg: RunConfig, D, x0, labels, step: int, gen: torch.Generator):
-    """Per-sample loss (B,) of iteration `step` and a dict of what to log (e.g. the ECT stage)."""
-    L, B = cfg.loss, x0.shape[0]
-    sigma = lognormal_sigma(B, L.P_mean, L.P_std, generator=gen, device=x0.device)
-    noise = torch.randn(x0.shape, generator=gen, device=x0.device)
-    if L.method == "edm":
-        return edm_loss(D, x0, sigma, noise, sigma_data=cfg.net.sigma_data, class_labels=labels), {}
-    if L.method == "ect":
+METHODS = ("edm", "ect", "ict", "cd")
+
+
+@dataclass
+class Draws:
+    """The random draws of one iteration for the whole global batch: noise levels t (and r for the
+    consistency methods), the noise ε, and what to log (ECT stage or iCT levels). Every process draws
+    the same global batch from the same generator and takes its rows, so the result does not depend
+    on the number of processes or on gradient accumulation."""
+    step: int
+    t: torch.Tensor
+    r: torch.Tensor | None
+    noise: torch.Tensor
+    info: dict
+
+    def rows(self, lo: int, hi: int) -> "Draws":
+        r = None if self.r is None else self.r[lo:hi]
+        return Draws(self.step, self.t[lo:hi], r, self.noise[lo:hi], self.info)
+
+
+def draw(cfg: RunConfig, n: int, shape, step: int, gen: torch.Generator) -> Draws:
+    """Iteration `step`'s draws for n samples of `shape`. ECT and CD share the (t, r) schedule
+    (lognormal t, ECT's mapping function); iCT draws discrete Karras pairs with a doubling number of
+    levels; EDM needs only σ."""
+    L, dev = cfg.loss, gen.device
+    if L.method not in METHODS:
+        raise EctuneError(f"unknown loss.method {L.method!r}; use one of {', '.join(METHODS)}")
+    r, info = None, {}
+    if L.method == "ict":
+        levels = ict_num_levels(step, cfg.steps, L.ict_s0, L.ict_s1)
+        t, r = ict_t_r(n, levels, P_mean=L.P_mean, P_std=L.P_std, generator=gen, device=dev)
+        info = {"levels": levels}
+    else:
+        t = lognormal_sigma(n, L.P_mean, L.P_std, generator=gen, device=dev)
+    noise = torch.randn((n, *shape), generator=gen, device=dev)
+    if L.method in ("ect", "cd"):
         stage = ect_stage(step, cfg.stage_iters)
-        r = ect_r(sigma, stage, q=L.q, k=L.k, b=L.b)
-        loss = ect_loss(D, x0, sigma, r, noise, c=L.c, weighting=L.weighting,
-                        sigma_data=cfg.net.sigma_data, class_labels=labels)
-        return loss, {"stage": stage}
-    raise EctuneError(f"unknown loss.method {L.method!r}; use edm or ect")
+        r, info = ect_r(t, stage, q=L.q, k=L.k, b=L.b), {"stage": stage}
+    return Draws(step, t, r, noise, info)
+
+
+def batch_loss(cfg: RunConfig, D, x0, labels, d: Draws, teacher=None) -> torch.Tensor:
+    """Per-sample loss (B,) of the method in `cfg.loss` for images x0 and their draws `d`."""
+    L = cfg.loss
+    kw = dict(c=L.c, weighting=L.weighting, sigma_data=cfg.net.sigma_data, class_labels=labels)
+    if L.method == "edm":
+        return edm_loss(D, x0, d.t, d.noise, sigma_data=cfg.net.sigma_data, class_labels=labels)
+    if L.method in ("ect", "ict"):
+        return ect_loss(D, x0, d.t, d.r, d.noise, **kw)
+    if teacher is None:
+        raise EctuneError("loss.method=cd needs a frozen teacher; pass --teacher")
+    return cd_loss(D, teacher, x0, d.t, d.r, d.noise, solver=L.cd_solver, **kw)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of an `engine.precision` setting on `device` (None: full fp32)."""
+    if precision == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else None
+    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in table:
+        raise EctuneError(f"unknown engine.precision {precision!r}; use auto, fp32, bf16 or fp16")
+    if precision == "fp16" and device.type != "cuda":
+        raise EctuneError("engine.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
+    return table[precision]
 
 
 @dataclass
 class TrainState:
     """What moves between iterations and into checkpoints."""
-    D: torch.nn.Module
+    D: torch.nn.Module                      # the network itself (its weights are the checkpoint's)
     ema: EMA
     opt: torch.optim.Optimizer
     sampler: BatchSampler
@@ -76,6 +128,9 @@ class TrainState:
     step: int = 0
     nonfinite_total: int = 0
     stop_requested: bool = False
+    model: torch.nn.Module | None = None    # what the loss calls: D, or D wrapped by DDP / torch.compile
+    teacher: torch.nn.Module | None = None  # CD's frozen teacher
+    scaler: torch.amp.GradScaler | None = None
 
 
 def state_tensors(s: TrainState) -> dict[str, torch.Tensor]:
@@ -84,18 +139,30 @@ def state_tensors(s: TrainState) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(run_dir: Path, cfg: RunConfig, s: TrainState) -> Path:
-    train_state = {
-        "step": s.step, "optimizer": s.opt.state_dict(), "sampler": s.sampler.state_dict(),
-        "gen": s.gen.get_state(), "cpu_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state() if s.gen.device.type == "cuda" else torch.empty(0, dtype=torch.uint8),
-        "nonfinite_total": s.nonfinite_total,
-    }
-    return ckpt.save_checkpoint(run_dir, s.step, cfg, state_tensors(s), train_state, keep=cfg.keep_ckpts)
+def _rng_states(device: torch.device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8)
+    return torch.get_rng_state(), cuda
+
+
+def save(run_dir: Path, cfg: RunConfig, s: TrainState) -> Path | None:
+    """Checkpoint written by rank 0; every rank contributes its own CPU/CUDA RNG state."""
+    rngs = distributed.all_gather_object(_rng_states(s.gen.device))
+    path = None
+    if distributed.is_main():
+        train_state = {
+            "step": s.step, "optimizer": s.opt.state_dict(), "sampler": s.sampler.state_dict(),
+            "gen": s.gen.get_state(), "cpu_rng": rngs[0][0], "cuda_rng": rngs[0][1],
+            "rank_cpu_rng": [c for c, _ in rngs], "rank_cuda_rng": [g for _, g in rngs],
+            "nonfinite_total": s.nonfinite_total,
+            "scaler": s.scaler.state_dict() if s.scaler is not None else {},
+        }
+        path = ckpt.save_checkpoint(run_dir, s.step, cfg, state_tensors(s), train_state, keep=cfg.keep_ckpts)
+    distributed.barrier()
+    return path
 
 
 def restore(ckpt_dir: Path, s: TrainState) -> None:
-    """Load the latest checkpoint of a run into `s` (weights, EMA, optimizer, RNG, data position)."""
+    """Load a checkpoint into `s` (weights, EMA, optimizer, RNG of this rank, data position)."""
     _, tensors, _ = ckpt.read_weights(ckpt_dir / "model.safetensors")
     ckpt.load_state_checked(s.D, ckpt.split_prefix(tensors, "net"), str(ckpt_dir))
     ckpt.load_state_checked(s.ema.module, ckpt.split_prefix(tensors, "ema"), str(ckpt_dir))
@@ -103,9 +170,16 @@ def restore(ckpt_dir: Path, s: TrainState) -> None:
     s.opt.load_state_dict(st["optimizer"])
     s.sampler.load_state_dict(st["sampler"])
     s.gen.set_state(st["gen"])
-    torch.set_rng_state(st["cpu_rng"])
-    if st["cuda_rng"].numel() and s.gen.device.type == "cuda":
-        torch.cuda.set_rng_state(st["cuda_rng"])
+    rank = distributed.rank()
+    cpu_states, cuda_states = st.get("rank_cpu_rng", [st["cpu_rng"]]), st.get("rank_cuda_rng", [st["cuda_rng"]])
+    if len(cpu_states) == distributed.world_size():
+        torch.set_rng_state(cpu_states[rank])
+        if cuda_states[rank].numel() and s.gen.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_states[rank], s.gen.device)
+    else:   # resumed on another number of processes: fresh, but still deterministic, dropout streams
+        torch.manual_seed(hash((s.step, rank)) % 2**62)
+    if s.scaler is not None and st.get("scaler"):
+        s.scaler.load_state_dict(st["scaler"])
     s.step, s.nonfinite_total = int(st["step"]), int(st["nonfinite_total"])
 
 
@@ -131,21 +205,46 @@ def write_grid(run_dir: Path, cfg: RunConfig, s: TrainState, shape) -> None:
 
 
 def train(cfg: RunConfig, run_dir: Path, ds: ImageDataset, D: torch.nn.Module, *, device: torch.device,
-          progress: bool = True) -> TrainState:
-    """Run (or continue) the training run `cfg` in `run_dir` until `cfg.steps` iterations are done."""
-    run_dir = Path(run_dir)
+          progress: bool = True, teacher: torch.nn.Module | None = None) -> TrainState:
+    """Run (or continue) the training run `cfg` in `run_dir` until `cfg.steps` iterations are done.
+
+    Under torchrun every process calls this with the same arguments; the global batch `cfg.batch`
+    is split across processes (and into `engine.micro_batch` chunks), gradients are averaged by DDP,
+    and rank 0 alone writes logs, grids and checkpoints.
+    """
+    run_dir, world, rank = Path(run_dir), distributed.world_size(), distributed.rank()
+    eng = cfg.engine
+    amp_dtype = autocast_dtype(eng.precision, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = eng.tf32
     D = D.to(device).train()
+    if eng.channels_last:
+        D = D.to(memory_format=torch.channels_last)
     s = TrainState(D=D, ema=EMA(D, cfg.ema.kind, cfg.ema.sigma_rel, cfg.ema.beta),
                    opt=make_optimizer(cfg, D.parameters()),
-                   sampler=BatchSampler(len(ds), cfg.batch, cfg.seed),
-                   gen=torch.Generator(device=device).manual_seed(cfg.seed))
-    torch.manual_seed(cfg.seed)
+                   sampler=BatchSampler(len(ds), cfg.batch, cfg.seed, rank=rank, world_size=world),
+                   gen=torch.Generator(device=device).manual_seed(cfg.seed),
+                   teacher=None if teacher is None else teacher.to(device).eval().requires_grad_(False),
+                   scaler=torch.amp.GradScaler(device.type, init_scale=2.0**12) if amp_dtype == torch.float16 else None)
+    torch.manual_seed(cfg.seed + rank)                      # dropout streams differ between ranks
     ckpts = ckpt.list_checkpoints(run_dir)
     if ckpts:
-        restore(ckpts[-1], s)
+        with ckpt.resuming(ckpts[-1]):
+            restore(ckpts[-1], s)
+    if distributed.is_main():
+        ckpt.trim_log(run_dir, s.step)                      # what was logged after that checkpoint is redone
+    s.model = D
+    if world > 1:
+        s.model = torch.nn.parallel.DistributedDataParallel(
+            D, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    if eng.compile:
+        import torch._inductor.config as inductor_config
+        inductor_config.fallback_random = True              # dropout masks must replay exactly (ECT §4.5)
+        s.model = torch.compile(s.model)
     with _stop_on_signal(s):
-        _loop(cfg, run_dir, ds, s, device, progress)
-    if s.stop_requested:
+        _loop(cfg, run_dir, ds, s, device, progress and distributed.is_main(), amp_dtype)
+    latest = distributed.on_main(lambda: [p.name for p in ckpt.list_checkpoints(run_dir)][-1:])
+    if latest != [f"{s.step:08d}"]:                         # stopped by a signal, or the last steps were skipped
         save(run_dir, cfg, s)
     return s
 
@@ -168,34 +267,72 @@ def _stop_on_signal(s: TrainState):
             signal.signal(sig, h)
 
 
-def _loop(cfg, run_dir, ds, s: TrainState, device, progress):
+def _accumulate(cfg, s: TrainState, images, labels, idx, amp_dtype) -> tuple[torch.Tensor, dict]:
+    """Forward and backward of this process's share of one global batch, in micro-batches.
+
+    Gradients add up to those of the global batch mean; returns the sum of this share's losses and
+    what to log.
+    """
+    world, local = distributed.world_size(), idx.shape[0]
+    lo = distributed.rank() * local
+    d = draw(cfg, cfg.batch, tuple(images.shape[1:]), s.step, s.gen)
+    micro = cfg.engine.micro_batch if cfg.engine.micro_batch > 0 else local
+    total = torch.zeros((), device=images.device)
+    for a in range(0, local, micro):
+        b = min(a + micro, local)
+        x0 = images[idx[a:b]].to(torch.float32) / 127.5 - 1
+        if cfg.engine.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        last = b == local
+        sync = contextlib.nullcontext() if (last or world == 1) else s.model.no_sync()
+        with sync:
+            with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss = batch_loss(cfg, s.model, x0, None if labels is None else labels[idx[a:b]],
+                                  d.rows(lo + a, lo + b), s.teacher)
+            scaled = loss.sum() * (world / cfg.batch)           # DDP averages over ranks
+            (s.scaler.scale(scaled) if s.scaler is not None else scaled).backward()
+        total += loss.detach().sum()
+    return total, d.info
+
+
+def _loop(cfg, run_dir, ds, s: TrainState, device, progress, amp_dtype):
     images = ds.images.to(device)
     labels = ds.labels.to(device) if (ds.labels is not None and cfg.net.label_dim) else None
     params = [p for p in s.D.parameters() if p.requires_grad]
+    main = distributed.is_main()
     bar = tqdm(total=cfg.steps, initial=s.step, disable=not progress, unit="it", dynamic_ncols=True)
-    t_last, n_last, bad_run = time.perf_counter(), s.step, 0
-    log = open(run_dir / "log.jsonl", "a")
+    t_last, n_last, bad_run, stop = time.perf_counter(), s.step, 0, False
+    log = open(run_dir / "log.jsonl", "a") if main else None
     try:
-        while s.step < cfg.steps and not s.stop_requested:
+        while s.step < cfg.steps and not stop:        # `stop` is agreed by all ranks, s.stop_requested is local
             idx = s.sampler.next_batch().to(device)
-            x0 = images[idx].to(torch.float32) / 127.5 - 1
-            loss, info = batch_loss(cfg, s.D, x0, None if labels is None else labels[idx], s.step, s.gen)
-            loss = loss.mean()
             s.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss_sum, info = _accumulate(cfg, s, images, labels, idx, amp_dtype)
+            if s.scaler is not None:
+                s.scaler.unscale_(s.opt)
+            # One all-reduce gives every rank the global loss and any rank's stop request.
+            stats = distributed.all_reduce_sum(torch.stack([loss_sum.float(), torch.tensor(
+                float(s.stop_requested), device=device)]))
+            loss, stop = stats[0] / cfg.batch, bool(stats[1] > 0)
             if not (torch.isfinite(loss) and grads_finite(params)):
                 s.nonfinite_total, bad_run = s.nonfinite_total + 1, bad_run + 1
+                if s.scaler is not None:
+                    s.scaler.update()                            # lowers the fp16 loss scale
                 _check_nonfinite(cfg, run_dir, s, info, bad_run)
                 s.step += 1
                 continue
             bad_run = 0
             for g in s.opt.param_groups:
                 g["lr"] = lr_at(cfg, s.step)
-            s.opt.step()
+            if s.scaler is not None:
+                s.scaler.step(s.opt)
+                s.scaler.update()
+            else:
+                s.opt.step()
             s.step += 1
             s.ema.update(s.D, s.step)
             bar.update(1)
-            if s.step % cfg.log_every == 0 or s.step == cfg.steps:
+            if main and (s.step % cfg.log_every == 0 or s.step == cfg.steps):
                 now = time.perf_counter()
                 rate = (s.step - n_last) * cfg.batch / max(now - t_last, 1e-9)
                 t_last, n_last = now, s.step
@@ -207,10 +344,12 @@ def _loop(cfg, run_dir, ds, s: TrainState, device, progress):
                 bar.set_postfix(loss=f"{rec['loss']:.4g}", img_s=f"{rate:.0f}", **info)
             if s.step % cfg.ckpt_every == 0 or s.step == cfg.steps:
                 save(run_dir, cfg, s)
-            if s.step % cfg.sample_every == 0 or s.step == cfg.steps:
+            if main and (s.step % cfg.sample_every == 0 or s.step == cfg.steps):
                 write_grid(run_dir, cfg, s, tuple(ds.images.shape[1:]))
     finally:
-        log.close()
+        s.stop_requested = stop
+        if log is not None:
+            log.close()
         bar.close()
 
 
@@ -219,6 +358,6 @@ def _check_nonfinite(cfg, run_dir, s: TrainState, info, bad_run: int) -> None:
     if bad_run >= cfg.max_nonfinite:
         last = ckpt.list_checkpoints(run_dir)
         where = last[-1] if last else "none yet"
-        raise EctuneError(f"{bad_run} non-finite losses/gradients in a row at step {s.step}"
+        raise EctuneError(f"{bad_run} non-finite losses/gradients in a row at step {s.step + 1}"   # as in the log
                           f"{' (stage %d)' % info['stage'] if 'stage' in info else ''}; stopped. "
                           f"Last good checkpoint: {where}. Lower optim.lr or check the data.")
