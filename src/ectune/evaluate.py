@@ -2,7 +2,8 @@
 number reproducible written beside it (feature network hash, reference statistics hash, seeds, sampler).
 
 Metrics are computed in the features of ectune's shipped Fashion-MNIST classifier against the
-Fashion-MNIST test split: Fréchet distance (FD), KID and k-NN precision/recall.
+Fashion-MNIST test split: Fréchet distance (FD), KID and k-NN precision/recall; or, with
+`--metric inception`, the standard Inception FID against any dataset (metrics/inception.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,29 @@ def score_samples(x, ref) -> dict:
             "precision": float(precision), "recall": float(recall)}
 
 
+def inception_reference(dataset, *, weights=None, device="cpu", batch: int = 50, progress: bool = False):
+    """(mu, sigma, stats_sha256) of `dataset` (ImageDataset or uint8 images) in Inception features, cached."""
+    from .metrics.inception import inception_reference_stats
+    mu, sigma = inception_reference_stats(dataset, weights=weights, device=device, batch=batch, progress=progress)
+    digest = hashlib.sha256(np.ascontiguousarray(mu).tobytes() + np.ascontiguousarray(sigma).tobytes()).hexdigest()
+    return mu, sigma, digest
+
+
+def score_inception(x, ref, *, weights=None, device="cpu", batch: int = 50, progress: bool = False) -> dict:
+    """Inception FID of samples x ((N, C, H, W) in [-1, 1]) against `inception_reference(...)`."""
+    from .metrics.inception import fid
+    return {"fid": float(fid(to_uint8(x), (ref[0], ref[1]), weights=weights, device=device, batch=batch,
+                             progress=progress))}
+
+
+def inception_provenance(reference_name: str, weights=None) -> dict:
+    """The `features` entries of `provenance` for Inception FID: network name, file and sha256."""
+    from .metrics.inception import FEATURES_VERSION, NETWORK_NAME, find_weights, network_sha256
+    return {"metric": "inception-fid", "metric_features": NETWORK_NAME, "feature_preprocessing": FEATURES_VERSION,
+            "feature_network_file": str(find_weights(weights)), "feature_network_sha256": network_sha256(weights),
+            "reference": reference_name}
+
+
 def file_sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -45,11 +69,14 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
-def provenance(ckpt, sampler: dict, seeds: list[int], ref_digest: str, weights: str) -> dict:
+def provenance(ckpt, sampler: dict, seeds: list[int], ref_digest: str, weights: str,
+               features: dict | None = None) -> dict:
+    """What makes a result reproducible; `features` describes the metric (default: the classifier's)."""
     from .metrics import classifier_hash
-    return {"metric_features": "ectune fmnist-classifier (penultimate, 128-d)",
-            "feature_network_sha256": classifier_hash(), "reference": "fashion-mnist test (10k)",
-            "reference_stats_sha256": ref_digest, "num_samples": len(seeds),
+    if features is None:
+        features = {"metric": "classifier", "metric_features": "ectune fmnist-classifier (penultimate, 128-d)",
+                    "feature_network_sha256": classifier_hash(), "reference": "fashion-mnist test (10k)"}
+    return {**features, "reference_stats_sha256": ref_digest, "num_samples": len(seeds),
             "seeds": [seeds[0], seeds[-1] + 1], "sampler": sampler,
             "checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(resolve_weights(ckpt)),
             "weights": weights, "ectune_version": __version__,

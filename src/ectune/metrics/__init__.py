@@ -3,6 +3,7 @@ small Fashion-MNIST classifier shipped with ectune (see `classifier.py` for how 
 
     feats = classifier_features(samples)            # (N, 128) float64
     fd = fd_against_reference(samples)              # vs the cached Fashion-MNIST test split
+    score = fid(samples_uint8, dataset)             # Inception FID (inception.py), any dataset
 
 Names are imported from their modules on first use, so `python -m ectune.metrics.classifier`
 runs the training script without importing it twice.
@@ -26,12 +27,17 @@ _EXPORTS = {
     "reference_stats": "reference",
     "fd_against_reference": "reference",
     "real_vs_real_floor": "reference",
+    "inception_features": "inception",
+    "inception_reference_stats": "inception",
+    "fid": "inception",
+    "fid_from_features": "inception",
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from ectune.metrics.classifier import FMNISTClassifier, classifier_hash, load_classifier, train_classifier
     from ectune.metrics.frechet import FeatureStats, frechet_distance, kid, precision_recall
+    from ectune.metrics.inception import fid, fid_from_features, inception_features, inception_reference_stats
     from ectune.metrics.reference import (
         classifier_features, fd_against_reference, real_vs_real_floor, reference_stats,
     )

@@ -1,0 +1,387 @@
+"""Import EDM / ECT network pickles without executing any code they carry.
+
+EDM (Karras et al. 2022) and ECT, built on it, save snapshots as ``pickle.dump(dict(ema=net, ...))``
+in which every network module is a "persistent class": its pickle calls
+``torch_utils.persistence._reconstruct_persistent_obj(meta)``, where ``meta["module_src"]`` is the
+*source code* of the module defining the class, which EDM's loader executes. ``pickle.load`` on such
+a file runs whatever that source, or any other global the file names, says.
+
+:class:`SafeUnpickler` resolves only these globals, to harmless stand-ins:
+
+    collections.OrderedDict, builtins set/frozenset           plain containers
+    torch._utils._rebuild_tensor(_v2), _rebuild_parameter*    our own validated tensor rebuild
+    torch.storage._load_from_bytes                            torch.load(..., weights_only=True)
+    torch_utils.persistence._reconstruct_persistent_obj       PickledModule(class name, state dict)
+    torch.nn ModuleDict / ModuleList / Sequential             PickledModule as well
+
+``module_src`` is never looked at; anything else raises EctuneError naming the global.
+The recovered tree (``snapshot["ema"]`` = EDMPrecond or ECMPrecond, whose ``model`` is a SongUNet)
+is mapped onto ectune's EDMPrecond(SongUNet): EDM's ``model.*`` becomes ``net.*`` and every tensor
+name, shape and the few shape-less settings (group counts, attention heads) are verified.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import NetConfig
+from ..errors import EctuneError
+from ..models import build_denoiser
+from ..networks import NETWORK_PRESETS
+
+PRECONDS = ("EDMPrecond", "ECMPrecond")     # both compute EDM's D(x, σ) around `self.model`
+_ARCH = ("model_channels", "channel_mult", "channel_mult_emb", "num_blocks", "attn_resolutions")
+
+
+class PickledModule:
+    """What is kept of a pickled module: its class name and its state dict — never its code.
+
+    ``state`` is the module's ``__dict__`` as pickled: ``_parameters``, ``_buffers``, ``_modules``
+    (children, themselves PickledModules), plain attributes and, for EDM's persistent classes,
+    ``_init_kwargs`` (the constructor's keyword arguments).
+    """
+
+    class_name = "?"
+    state: dict | None = None
+
+    def __init__(self, class_name: str, state: dict):
+        self.class_name, self.state = class_name, state
+
+    def __setstate__(self, state: Any) -> None:        # pickle's BUILD for plain torch containers
+        if not isinstance(state, dict):
+            raise EctuneError(f"pickled {self.class_name} has a {type(state).__name__} state, expected a dict")
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"PickledModule({self.class_name})"
+
+    @property
+    def init_kwargs(self) -> dict:
+        kwargs = (self.state or {}).get("_init_kwargs")
+        return dict(kwargs) if isinstance(kwargs, dict) else {}
+
+    def _entries(self, key: str) -> dict:
+        value = (self.state or {}).get(key) or {}
+        if not isinstance(value, dict):
+            raise EctuneError(f"pickled {self.class_name}.{key} is a {type(value).__name__}, expected a dict")
+        return {k: v for k, v in value.items() if v is not None}
+
+    @property
+    def children(self) -> dict[str, PickledModule]:
+        kids = self._entries("_modules")
+        bad = [k for k, v in kids.items() if not isinstance(v, PickledModule)]
+        if bad:
+            raise EctuneError(f"pickled {self.class_name} has non-module children {bad}; not a network snapshot")
+        return kids
+
+    def named_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Parameters and buffers of this module and all below it, by dotted name (a state_dict)."""
+        out = {}
+        for key in ("_parameters", "_buffers"):
+            for name, value in self._entries(key).items():
+                if not isinstance(value, torch.Tensor):
+                    raise EctuneError(f"pickled {prefix}{name} is a {type(value).__name__}, not a tensor")
+                out[prefix + name] = value
+        for name, child in self.children.items():
+            out.update(child.named_tensors(f"{prefix}{name}."))
+        return out
+
+    def find(self, path: str) -> PickledModule | None:
+        """The submodule at a dotted `path` ("" = self), or None."""
+        node = self
+        for part in filter(None, path.split(".")):
+            node = node.children.get(part)
+            if node is None:
+                return None
+        return node
+
+
+# --- stand-ins for the globals a network pickle may name
+def _persistent_object(meta: Any) -> PickledModule:
+    """Stand-in for EDM's ``_reconstruct_persistent_obj``: keeps class name and state, ignores the source."""
+    if not (isinstance(meta, dict) and isinstance(meta.get("class_name"), str) and isinstance(meta.get("state"), dict)):
+        raise EctuneError("malformed EDM persistent object (expected meta with class_name and a state dict)")
+    return PickledModule(meta["class_name"], meta["state"])
+
+
+def _container(name: str) -> type:
+    """A PickledModule subclass that pickle may instantiate (NEWOBJ) for a plain torch container."""
+    return type(name, (PickledModule,), {"class_name": name})
+
+
+def _is_int_tuple(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and all(isinstance(v, int) and v >= 0 for v in value)
+
+
+def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *_ignored: Any) -> torch.Tensor:
+    """A tensor view of `storage`; requires_grad, backward hooks and metadata are dropped."""
+    ok = isinstance(storage, torch.storage.TypedStorage) and isinstance(storage_offset, int) and storage_offset >= 0
+    if not (ok and _is_int_tuple(size) and _is_int_tuple(stride) and len(size) == len(stride)):
+        raise EctuneError("malformed tensor record in the pickle (storage, offset, size, stride)")
+    try:
+        empty = torch.empty((0,), dtype=storage.dtype)
+        return empty.set_(storage._untyped_storage, storage_offset, tuple(size), tuple(stride))
+    except RuntimeError as e:
+        raise EctuneError(f"a tensor in the pickle lies outside its storage ({e})") from None
+
+
+def _rebuild_parameter(data: Any, *_ignored: Any) -> torch.Tensor:
+    """A parameter becomes its plain data tensor (its hooks and state are dropped)."""
+    if not isinstance(data, torch.Tensor):
+        raise EctuneError(f"malformed parameter record in the pickle ({type(data).__name__})")
+    return data
+
+
+def _storage_from_bytes(data: Any) -> torch.storage.TypedStorage:
+    """``torch.storage._load_from_bytes`` with ``weights_only=True``: storages, never objects."""
+    if not isinstance(data, bytes):
+        raise EctuneError("malformed storage record in the pickle (expected bytes)")
+    try:
+        storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad or unsafe record
+        raise EctuneError(f"a tensor storage in the pickle is unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise EctuneError(f"a storage record in the pickle holds a {type(storage).__name__}")
+    return storage
+
+
+def _latin1_bytes(text: Any, encoding: Any = "latin1") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles use it for bytes: latin-1 only."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise EctuneError("malformed bytes record in the pickle")
+    return text.encode("latin1")
+
+
+ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("_codecs", "encode"): _latin1_bytes,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_object,
+    **{("torch.nn.modules.container", n): _container(n) for n in ("ModuleDict", "ModuleList", "Sequential")},
+}
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only :data:`ALLOWED_GLOBALS`; any other global raises EctuneError."""
+
+    def __init__(self, file, source: str):
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise EctuneError(f"refusing to load {self.source}: it would import {module}.{name}, which could run "
+                              "code; only tensors and EDM/ECT network snapshots are read") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise EctuneError(f"refusing to load {self.source}: it uses persistent ids (a torch.save file?); "
+                          "only plain pickles of EDM/ECT snapshots are read")
+
+
+def read_edm_pickle(path: str | Path) -> Any:
+    """Unpickle an EDM/ECT snapshot with :class:`SafeUnpickler` (no code from the file runs)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return SafeUnpickler(f, str(path)).load()
+    except EctuneError:
+        raise
+    except OSError as e:
+        raise EctuneError(f"cannot read {path}: {e}; check the path") from None
+    except Exception as e:  # a truncated or malformed pickle raises many types
+        raise EctuneError(f"{path} is not a readable pickle ({type(e).__name__}: {e})") from None
+
+
+# --- mapping onto ectune's network
+def _precond_of(snapshot: Any, source: str) -> PickledModule:
+    """snapshot["ema"] (a training snapshot dict) or the snapshot itself, checked to be a precond."""
+    node = snapshot.get("ema") if isinstance(snapshot, dict) else snapshot
+    if not isinstance(node, PickledModule):
+        keys = sorted(map(str, snapshot)) if isinstance(snapshot, dict) else type(snapshot).__name__
+        raise EctuneError(f"{source} holds no EDM network (found {keys}); expected a snapshot with an 'ema' network")
+    if node.class_name not in PRECONDS:
+        raise EctuneError(f"{source}: the network is a {node.class_name}; only {'/'.join(PRECONDS)} "
+                          "(EDM preconditioning) can be imported")
+    model = node.children.get("model")
+    if model is None or model.class_name != "SongUNet":
+        found = model.class_name if model is not None else "nothing"
+        raise EctuneError(f"{source}: {node.class_name} wraps {found}; only SongUNet (DDPM++) networks can be "
+                          "imported onto ectune's network")
+    return node
+
+
+def _shape_hints(t: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Architecture read off the tensors, for settings the pickle's init kwargs leave out."""
+    convs = [m for m in (re.fullmatch(r"enc\.(\d+)x\1_conv\.weight", k) for k in t) if m]
+    if len(convs) != 1:
+        return {}
+    res, w = int(convs[0].group(1)), t[convs[0].group(0)]
+    mc = int(w.shape[0])
+    hints: dict[str, Any] = dict(img_resolution=res, in_channels=int(w.shape[1]), model_channels=mc)
+    if "map_layer0.weight" in t:
+        hints["channel_mult_emb"] = int(t["map_layer0.weight"].shape[0]) // mc
+    if "map_label.weight" in t:
+        hints["label_dim"] = int(t["map_label.weight"].shape[1])
+    mults, r = [], res
+    while f"enc.{r}x{r}_block0.conv0.weight" in t:
+        mults.append(int(t[f"enc.{r}x{r}_block0.conv0.weight"].shape[0]) // mc)
+        r //= 2
+    hints["channel_mult"] = tuple(mults)
+    hints["num_blocks"] = sum(1 for k in t if re.fullmatch(rf"enc\.{res}x{res}_block\d+\.conv0\.weight", k))
+    hints["attn_resolutions"] = tuple(sorted({int(m.group(1)) for m in (
+        re.fullmatch(r"enc\.(\d+)x\1_block\d+\.qkv\.weight", k) for k in t) if m}, reverse=True))
+    return hints
+
+
+def _check_variant(kw: dict, source: str) -> None:
+    """Refuse SongUNet variants ectune's network does not implement (NCSN++ and friends)."""
+    supported = dict(embedding_type="positional", encoder_type="standard", decoder_type="standard",
+                     channel_mult_noise=1, resample_filter=[1, 1])
+    bad = [f"{k}={kw[k]!r}" for k, v in supported.items()
+           if k in kw and (list(kw[k]) if isinstance(kw[k], (list, tuple)) else kw[k]) != v]
+    if "out_channels" in kw and "in_channels" in kw and kw["out_channels"] != kw["in_channels"]:
+        bad.append(f"out_channels={kw['out_channels']!r} != in_channels")
+    if bad:
+        raise EctuneError(f"{source}: SongUNet settings {', '.join(bad)} are not supported; ectune implements "
+                          "DDPM++ (positional embedding, standard encoder/decoder, [1,1] resampling)")
+
+
+def net_config_from(precond: PickledModule, tensors: dict[str, torch.Tensor], source: str) -> NetConfig:
+    """NetConfig from the pickled init kwargs where present, else read off the tensor shapes."""
+    unet = precond.children["model"]
+    kw = {**precond.init_kwargs, **unet.init_kwargs}
+    _check_variant(kw, source)
+    hints = _shape_hints(tensors)
+
+    def pick(name: str, *aliases: str, default: Any = None) -> Any:
+        return next((kw[n] for n in (name, *aliases) if n in kw), hints.get(name, default))
+
+    try:
+        fields = dict(img_resolution=int(pick("img_resolution")), in_channels=int(pick("in_channels", "img_channels")),
+                      label_dim=int(pick("label_dim", default=0)), model_channels=int(pick("model_channels")),
+                      channel_mult=tuple(int(m) for m in pick("channel_mult")),
+                      channel_mult_emb=int(pick("channel_mult_emb")), num_blocks=int(pick("num_blocks")),
+                      attn_resolutions=tuple(int(r) for r in pick("attn_resolutions")),
+                      dropout=float(pick("dropout", default=0.1)),
+                      label_dropout=float(pick("label_dropout", default=0.0)),
+                      sigma_data=float(precond.state.get("sigma_data", kw.get("sigma_data", 0.5))))
+    except (TypeError, ValueError) as e:
+        raise EctuneError(f"{source}: cannot tell the network's architecture from its init kwargs "
+                          f"or tensors ({e})") from None
+    return NetConfig(size=_preset_name(fields), **fields)
+
+
+def _preset_name(fields: dict) -> str:
+    """The NETWORK_PRESETS entry with this architecture, or "imported"."""
+    for name, p in NETWORK_PRESETS.items():
+        want = {"channel_mult_emb": 4, **p}
+        if all((tuple(want[k]) if isinstance(want[k], (list, tuple)) else want[k]) == fields[k] for k in _ARCH):
+            return name
+    return "imported"
+
+
+def _drop_unused(tensors: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Remove EDM's [1,1] resample-filter buffers (ectune resamples without them) and the
+    augmentation embedding (only used when augmentation labels are passed, never at sampling)."""
+    out, notes = {}, []
+    quarter = torch.full((1, 1, 2, 2), 0.25)
+    for name, value in tensors.items():
+        if name.endswith("resample_filter"):
+            if value.shape != quarter.shape or not torch.equal(value.to(torch.float32), quarter):
+                raise EctuneError(f"{source}: {name} is not DDPM++'s [1,1] filter; this network cannot be imported")
+            continue
+        if name == "map_augment.weight":
+            notes.append(f"dropped the unused augmentation embedding map_augment.weight {tuple(value.shape)}")
+            continue
+        out[name] = value
+    return out, notes
+
+
+def _verify(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:
+    """Error listing every missing, unexpected and mis-shaped tensor (up to 6 of each)."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    shapes = sorted(f"{k} {tuple(found[k].shape)} (expected {tuple(expected[k].shape)})"
+                    for k in set(expected) & set(found) if expected[k].shape != found[k].shape)
+    parts = [f"{len(v)} {what}: {', '.join(v[:6])}{' ...' if len(v) > 6 else ''}"
+             for what, v in (("missing", missing), ("unexpected", extra), ("mis-shaped", shapes)) if v]
+    if parts:
+        raise EctuneError(f"{source} does not map onto ectune's DDPM++ network: {'; '.join(parts)}")
+
+
+def _verify_settings(unet: PickledModule, net: torch.nn.Module, source: str) -> None:
+    """Check what shapes cannot show: group counts, norm eps, attention heads, skip scale, embedding."""
+    bad = []
+    for path, module in net.named_modules():
+        node = unet.find(path)
+        state = node.state if node is not None and node.state else {}
+        for attr in ("num_groups", "eps", "num_heads", "skip_scale", "max_positions", "num_channels"):
+            if attr in state and hasattr(module, attr):
+                mine, theirs = getattr(module, attr), state[attr]
+                if not (isinstance(theirs, (int, float)) and math.isclose(float(mine), float(theirs), rel_tol=1e-6)):
+                    bad.append(f"{path or 'model'}.{attr}={theirs!r} (ectune: {mine!r})")
+        if state.get("adaptive_scale") or state.get("endpoint") is False:
+            bad.append(f"{path}: adaptive_scale / endpoint=False variant")
+    if bad:
+        raise EctuneError(f"{source}: settings differ from ectune's DDPM++: {', '.join(bad[:6])}")
+
+
+def edm_to_ectune(snapshot: Any, source: str) -> tuple[NetConfig, dict[str, torch.Tensor], list[str]]:
+    """(NetConfig, EDMPrecond state_dict ``net.*`` in float32, notes) for an unpickled EDM snapshot."""
+    precond = _precond_of(snapshot, source)
+    unet = precond.children["model"]
+    tensors, notes = _drop_unused(unet.named_tensors(), source)
+    cfg = net_config_from(precond, tensors, source)
+    try:
+        D = build_denoiser(cfg)
+    except (EctuneError, ValueError) as e:
+        raise EctuneError(f"{source}: its settings do not build a network ({e})") from None
+    _verify(D.net.state_dict(), tensors, source)
+    _verify_settings(unet, D.net, source)
+    if precond.class_name == "ECMPrecond":
+        sigma_min = precond.state.get("sigma_min", 0.003)
+        notes.append(f"ECMPrecond's eval-time sigma_min={sigma_min} shift of c_skip/c_out is not applied "
+                     "(ectune uses plain EDM preconditioning)")
+    state = {f"net.{k}": v.detach().to(torch.float32).contiguous().clone() for k, v in tensors.items()}
+    return cfg, state, notes
+
+
+def import_edm_pickle(src: str | Path, out: str | Path, *, preset_name: str | None = None,
+                      data: str | None = None) -> dict:
+    """Convert an EDM/ECT snapshot pickle into an ectune weights file (``ema.*`` + config metadata).
+
+    The file works with ``ectune sample --ckpt OUT`` and ``ectune tune --teacher OUT``. The config
+    is the `preset_name` pretrain preset (default "cifar10", the paper's tuning recipe) with the
+    imported network; `data` is the dataset spec recorded for tuning (default "cifar10" for
+    32x32 RGB networks, else none: pass ``--data`` to tune). Returns a summary dict.
+    """
+    from dataclasses import replace
+
+    from ..config import preset
+    from .files import write_model_file
+
+    src = Path(src)
+    net, state, notes = edm_to_ectune(read_edm_pickle(src), str(src))
+    shape = (net.in_channels, net.img_resolution)
+    cfg = replace(preset(preset_name or "cifar10", "pretrain"), net=net, teacher="",
+                  data=data if data is not None else ("cifar10" if shape == (3, 32) else ""))
+    meta = {"step": "0", "weights": "ema", "source": f"edm-pkl {src.name}", "note": "; ".join(notes)}
+    path = write_model_file(out, cfg, {f"ema.{k}": v for k, v in state.items()}, meta)
+    params = sum(v.numel() for v in state.values())
+    return {"out": str(path), "params": params, "net": net, "notes": notes, "preset": cfg.preset, "data": cfg.data}

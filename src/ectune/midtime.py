@@ -1,0 +1,90 @@
+"""Mid-time search for k-step consistency sampling, and storing the result in a checkpoint.
+
+ECT.md §5: the intermediate times of 2-step (k-step) sampling are an open choice (0.821 on CIFAR-10,
+1.526 on ImageNet-64). `search_mid_times` scans candidates on a held-out seed set — seeds that the
+evaluation never uses — and `store_mid_times` writes the best ones into the checkpoint's config, so
+`ectune sample --steps k` uses them from then on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import save_file
+
+from .checkpoint import read_weights, resolve_weights
+from .config import RunConfig
+from .errors import EctuneError
+from .sampling import sample_images
+
+HELDOUT_SEED0 = 1_000_000           # held-out seeds start here; evaluation seeds start at 0 by default
+
+
+def candidate_grid(lo: float = 0.1, hi: float = 10.0, count: int = 9) -> list[float]:
+    """`count` candidate mid times spaced evenly in log σ between lo and hi."""
+    return [float(v) for v in np.geomspace(lo, hi, count)]
+
+
+def search_mid_times(D, shape, score: Callable, *, steps: int = 2, candidates: Sequence[float] | None = None,
+                     seeds: Sequence[int] | None = None, t_max: float = 80.0, batch: int = 500, device=None,
+                     class_labels=None) -> tuple[list[float], list[dict]]:
+    """Best mid times for `steps`-step sampling by `score(samples) -> lower is better`.
+
+    steps = 2 scans each candidate t_1; steps > 2 searches coordinate-wise, one mid time at a time
+    from the left, keeping the times decreasing. Returns (best mid times, every tried row).
+    """
+    if steps < 2:
+        raise EctuneError("a mid-time search needs --steps 2 or more")
+    cands = sorted(set(candidates or candidate_grid()), reverse=True)
+    if not cands or cands[0] >= t_max or cands[-1] <= 0:
+        raise EctuneError(f"mid-time candidates must lie in (0, {t_max}), got {cands}")
+    seeds = list(seeds if seeds is not None else range(HELDOUT_SEED0, HELDOUT_SEED0 + 1000))
+    tried: list[dict] = []
+    cache: dict[tuple, float] = {}
+
+    def evaluate(mid: tuple[float, ...]) -> float:
+        if mid not in cache:
+            x = sample_images(D, seeds, shape, ts=[t_max, *mid], batch=batch, device=device,
+                              class_labels=class_labels)
+            cache[mid] = float(score(x))
+            tried.append({"mid_ts": list(mid), "score": cache[mid]})
+        return cache[mid]
+
+    # Start from a geometric spacing, then improve one coordinate at a time.
+    best = list(np.geomspace(cands[0], cands[-1], steps - 1)) if steps > 2 else [cands[len(cands) // 2]]
+    best = [min(cands, key=lambda c: abs(np.log(c / b))) for b in best]
+    for i in range(steps - 1):
+        upper = best[i - 1] if i > 0 else t_max
+        lower = best[i + 1] if i + 1 < steps - 1 else 0.0
+        options = [c for c in cands if lower < c < upper] or [best[i]]
+        best[i] = min(options, key=lambda c: evaluate(tuple(best[:i] + [c] + best[i + 1:])))
+    return best, tried
+
+
+def store_mid_times(ckpt, mid_ts: Sequence[float]) -> Path:
+    """Write `mid_ts` into sample.mid_ts of the weights file's config, atomically; returns the file.
+
+    Only the stored config changes: tensors and every other metadata entry stay as they were.
+    """
+    from dataclasses import replace
+
+    from safetensors import safe_open
+    f = resolve_weights(ckpt)
+    cfg, tensors, meta = read_weights(f)
+    with safe_open(str(f), framework="pt") as handle:
+        meta = dict(handle.metadata() or {})
+    new_cfg: RunConfig = replace(cfg, sample=replace(cfg.sample, mid_ts=tuple(float(t) for t in mid_ts)))
+    meta["config"] = new_cfg.to_json()
+    meta["mid_ts_search"] = json.dumps({"mid_ts": list(new_cfg.sample.mid_ts)})
+    tmp = f.with_name(f.name + ".tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, f)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise EctuneError(f"cannot rewrite {f} ({e}); check permissions and free space") from None
+    return f
