@@ -83,7 +83,9 @@ def test_sampling_under_torchrun_gives_the_same_images_as_one_process(setup):
 def test_bf16_autocast_loss_agrees_with_fp32(setup):
     assert main(_tune_args(setup, setup / "fp32", "--steps", "1")) == 0
     assert main(_tune_args(setup, setup / "bf16", "--steps", "1", "--set", "engine.precision=bf16")) == 0
-    np.testing.assert_allclose(_losses(setup / "bf16"), _losses(setup / "fp32"), rtol=0.05)
+    bf16, fp32 = _losses(setup / "bf16"), _losses(setup / "fp32")
+    np.testing.assert_allclose(bf16, fp32, rtol=0.05)
+    assert bf16 != fp32                                     # autocast really ran in bf16
 
 
 def test_fp16_without_a_gpu_is_a_clear_error(setup, capsys):

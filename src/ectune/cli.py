@@ -226,7 +226,7 @@ def _inception_reference(args, cfg, device):
     return ref, inception_provenance(f"{spec} ({ds.name}, {len(ds)} images)", args.inception)
 
 
-def _search_mid_t(args, D, cfg, shape, sampler, seeds, score, device) -> dict:
+def _search_mid_t(args, D, cfg, shape, sampler, seeds, score, ref, device) -> dict:
     """Scan the mid time(s) of --steps-step sampling on held-out seeds; store the best in the checkpoint."""
     from .midtime import HELDOUT_SEED0, candidate_grid, search_mid_times, store_mid_times
     if sampler != "consistency" or args.steps < 2 or args.ts:
@@ -235,7 +235,9 @@ def _search_mid_t(args, D, cfg, shape, sampler, seeds, score, device) -> dict:
     if seeds[-1] >= HELDOUT_SEED0:
         raise EctuneError(f"evaluation seeds must stay below {HELDOUT_SEED0}, where the held-out search seeds start")
     cands = args.candidates or candidate_grid(0.1, 10.0, 13)
-    best, tried = search_mid_times(D, shape, lambda x: score(x)["fid" if args.metric == "inception" else "fd"],
+    from .evaluate import fd_only
+    best, tried = search_mid_times(D, shape, (lambda x: score(x)["fid"]) if args.metric == "inception" else
+                                   (lambda x: fd_only(x, ref)),
                                    steps=args.steps, candidates=cands, seeds=held, t_max=cfg.sample.t_max,
                                    batch=args.batch, device=device)
     if distributed.is_main():
@@ -263,7 +265,7 @@ def cmd_eval(args) -> None:
                 if args.metric == "inception" else score_samples(x, ref))
     search = None
     if args.search_mid_t:
-        search = _search_mid_t(args, D, cfg, shape, sampler, seeds, score, device)
+        search = _search_mid_t(args, D, cfg, shape, sampler, seeds, score, ref, device)
     ts = args.ts or default_consistency_times(args.steps, search["mid_ts"] if search else cfg.sample.mid_ts,
                                               cfg.sample.t_max)
     spec = _sampler_spec(sampler, args, ts)

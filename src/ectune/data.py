@@ -1,6 +1,7 @@
 """Datasets held in memory as uint8 (N, C, H, W) tensors, and a resumable infinite batch sampler.
 
-Sources: Fashion-MNIST IDX files, a folder of images, an ``.npz`` file, scikit-learn's 8x8 digits.
+Sources: Fashion-MNIST IDX files, CIFAR-10's python tarball, a folder or EDM-style ``.zip`` of images,
+an ``.npz`` file, scikit-learn's 8x8 digits.
 Every bad input raises EctuneError with a one-line message saying what was wrong and what to do.
 """
 
@@ -10,13 +11,17 @@ import argparse
 import gzip
 import hashlib
 import http.client
+import io
 import json
 import math
 import os
+import pickle
 import struct
 import sys
+import tarfile
 import tempfile
 import urllib.request
+import zipfile
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -425,6 +430,158 @@ def load_npz(path: str | Path) -> ImageDataset:
     return _dataset(images, labels, path.stem)
 
 
+# --- CIFAR-10 (official python tarball) and EDM-style zip archives
+CIFAR10_TARBALL = "cifar-10-python.tar.gz"
+_CIFAR10_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+_GET_CIFAR10 = (f"download {CIFAR10_TARBALL} from https://www.cs.toronto.edu/~kriz/cifar.html and pass "
+                "--data cifar10:PATH (the tarball or the folder it unpacks to), or put it in $ECTUNE_DATA")
+
+
+def _array_from_pickle(subtype, shape, dtype) -> np.ndarray:
+    """numpy's pickle reconstructor for plain arrays (no subclasses); the data arrives in BUILD."""
+    if subtype is not np.ndarray:
+        raise EctuneError("refusing to unpickle an ndarray subclass")
+    return np.ndarray.__new__(np.ndarray, shape, dtype)
+
+
+_ARRAY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"): _array_from_pickle,
+                  ("numpy._core.multiarray", "_reconstruct"): _array_from_pickle,
+                  ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, str/bytes, numbers and numpy arrays only; any other global raises."""
+
+    def __init__(self, raw: bytes, source: str):
+        super().__init__(io.BytesIO(raw), encoding="bytes")        # Python 2 pickles: str -> bytes
+        self.source = source
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _ARRAY_GLOBALS:
+            raise EctuneError(f"refusing to read {self.source}: it would import {module}.{name}; "
+                              "a genuine CIFAR-10 batch holds only arrays, lists and strings")
+        return _ARRAY_GLOBALS[(module, name)]
+
+
+def _cifar10_batch(raw: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, 3, 32, 32), labels (N,)) of one pickled CIFAR-10 batch dict."""
+    try:
+        batch = _ArrayUnpickler(raw, source).load()
+    except EctuneError:
+        raise
+    except Exception as e:  # a truncated or foreign pickle raises many types
+        raise EctuneError(f"{source} is not a readable CIFAR-10 batch ({type(e).__name__}: {e}); "
+                          "download the tarball again") from None
+    get = (lambda k: batch.get(k.encode(), batch.get(k))) if isinstance(batch, dict) else (lambda k: None)
+    data, labels = get("data"), get("labels")
+    ok = isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
+    if not ok or not isinstance(labels, list) or len(labels) != len(data):
+        raise EctuneError(f"{source} is not a CIFAR-10 batch (expected 'data' uint8 N x 3072 and N 'labels'); "
+                          "download the tarball again")
+    labels = np.array(labels)
+    if labels.dtype.kind not in "iu" or (labels.size and not 0 <= labels.min() <= labels.max() <= 9):
+        raise EctuneError(f"{source}: labels must be integers 0..9; download the tarball again")
+    return data.reshape(-1, 3, 32, 32), labels                      # rows are R, G, B planes of 32x32
+
+
+def _cifar10_source(path: str | Path | None) -> Path:
+    """The tarball or batch folder named by `path`, or found in $ECTUNE_DATA[/cifar10] or the cache."""
+    env = os.environ.get("ECTUNE_DATA")
+    roots = [Path(path).expanduser()] if path else (
+        [Path(env), Path(env) / "cifar10"] if env else []) + [Path.home() / ".cache" / "ectune" / "cifar10"]
+    for root in roots:
+        for cand in (root, root / "cifar-10-batches-py", root / CIFAR10_TARBALL):
+            if cand.is_file() or (cand / "data_batch_1").is_file() or (cand / "test_batch").is_file():
+                return cand
+    raise EctuneError(f"CIFAR-10 not found in {', '.join(map(str, roots))}; {_GET_CIFAR10}")
+
+
+def _cifar10_members(source: Path, names: list[str]) -> list[tuple[str, bytes]]:
+    """(name, bytes) of the named batch files, from the tarball or the folder."""
+    if source.is_dir():
+        missing = [n for n in names if not (source / n).is_file()]
+        if missing:
+            raise EctuneError(f"{source} lacks CIFAR-10 batch files {missing}; unpack the whole tarball there")
+        return [(f"{source / n}", (source / n).read_bytes()) for n in names]
+    found = {}
+    try:
+        with tarfile.open(source, "r:*") as tar:
+            for member in tar:                                      # one pass: gzip cannot seek back cheaply
+                name = PurePosixPath(member.name).name
+                if member.isfile() and name in names:
+                    found[name] = (f"{source}:{member.name}", tar.extractfile(member).read())
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise EctuneError(f"cannot read {source} as a tarball ({e}); {_GET_CIFAR10}") from None
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise EctuneError(f"{source} lacks CIFAR-10 batch files {missing}; is it {CIFAR10_TARBALL}?")
+    return [found[n] for n in names]
+
+
+def load_cifar10(path: str | Path | None = None, split: str = "train") -> ImageDataset:
+    """CIFAR-10 `split` from the official python tarball or its unpacked folder: images uint8
+    (N, 3, 32, 32) and labels 0..9 (train: data_batch_1..5, 50,000 images; test: test_batch, 10,000).
+
+    The batches are pickles; they are read with an unpickler that only rebuilds arrays and lists.
+    """
+    _check_split(split)
+    source = _cifar10_source(path)
+    parts = [_cifar10_batch(raw, name) for name, raw in _cifar10_members(source, _CIFAR10_BATCHES[split])]
+    images = np.concatenate([x for x, _ in parts])
+    return _dataset(images, np.concatenate([y for _, y in parts]), f"cifar10-{split}")
+
+
+def _zip_labels(archive: zipfile.ZipFile, path: Path, names: list[str]) -> np.ndarray | None:
+    """Integer labels from the archive's dataset.json {"labels": [[name, class], ...] or null}."""
+    if "dataset.json" not in archive.namelist():
+        return None
+    try:
+        meta = json.loads(archive.read("dataset.json").decode("utf-8"))
+    except (ValueError, zipfile.BadZipFile, OSError) as e:
+        raise EctuneError(f"cannot parse dataset.json in {path}: {e}; fix or remove it") from None
+    entries = meta.get("labels") if isinstance(meta, dict) else []
+    if entries is None:
+        return None
+    if not isinstance(entries, list) or not all(
+            isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and type(e[1]) is int and e[1] >= 0
+            for e in entries):
+        raise EctuneError(f"dataset.json in {path} must be {{\"labels\": [[\"name.png\", class >= 0], ...]}}")
+    table = {name.replace("\\", "/"): label for name, label in entries}
+    missing = next((n for n in names if n not in table), None)
+    if missing is not None:
+        raise EctuneError(f"dataset.json in {path} has no label for {missing}; add it or remove the image")
+    return np.array([table[n] for n in names], dtype=np.int64)
+
+
+def load_zip(path: str | Path) -> ImageDataset:
+    """An EDM-style zip of images (sorted by name, any folder depth) with optional dataset.json labels."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = sorted(n for n in archive.namelist()
+                           if PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES and not n.endswith("/"))
+            if not names:
+                raise EctuneError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {path}; check the archive")
+            arrays = []
+            for name in names:
+                where = Path(f"{path}:{name}")
+                try:
+                    with Image.open(io.BytesIO(archive.read(name)), formats=("PNG", "JPEG", "BMP", "WEBP")) as im:
+                        im.load()
+                        arrays.append(_to_array(im, where))
+                except EctuneError:
+                    raise
+                except Exception as e:  # Pillow's decoders raise many types on a bad file
+                    raise EctuneError(f"cannot read image {where}: {e}; re-export the archive") from None
+                if arrays[-1].shape != arrays[0].shape:
+                    raise EctuneError(f"{where} has shape (C, H, W) = {arrays[-1].shape} but {names[0]} has "
+                                      f"{arrays[0].shape}; all images must share size and channels")
+            labels = _zip_labels(archive, path, names)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise EctuneError(f"cannot read {path} as a zip archive ({e}); check the path") from None
+    return _dataset(np.stack(arrays), labels, path.stem)
+
+
 # --- digits and dispatch
 def load_digits() -> ImageDataset:
     """scikit-learn's 8x8 digits: images uint8 (1797, 1, 8, 8) scaled from 0..16 to 0..255, labels 0..9."""
@@ -437,26 +594,69 @@ def load_digits() -> ImageDataset:
     return _dataset(images[:, None], np.asarray(bunch.target), "digits")
 
 
-def load_dataset(spec: str, split: str = "train") -> ImageDataset:
-    """Load a dataset named by spec; `split` applies to Fashion-MNIST only (other sources have one).
+# --- class subsets: "DATA[classes=0,2,4]"
+def split_class_subset(spec: str) -> tuple[str, list[int] | None]:
+    """"DATA[classes=0,2,4]" → ("DATA", [0, 2, 4]); a spec without that suffix → (spec, None)."""
+    base, bracket, inner = spec.rpartition("[")
+    if not (bracket and base and inner.startswith("classes=") and inner.endswith("]")):
+        return spec, None
+    text = inner[len("classes="):-1]
+    try:
+        classes = sorted({int(c) for c in text.split(",")})
+    except ValueError:
+        raise EctuneError(f"bad class list {text!r} in {spec!r}; write integers, e.g. {base}[classes=0,2,4]") from None
+    return base, classes
 
-    spec: "fashion-mnist" / "fmnist" (searched), "fashion-mnist:DIR", a folder holding Fashion-MNIST
-    IDX files, a path ending in .npz, an image folder, or "digits" (needs scikit-learn).
+
+def select_classes(ds: ImageDataset, classes: Sequence[int]) -> ImageDataset:
+    """The images of `ds` whose label is in `classes`, in their order; labels keep their numbers
+    (so a class-conditional teacher still reads them)."""
+    if ds.labels is None:
+        raise EctuneError(f"dataset {ds.name!r} has no labels, so [classes=...] cannot select from it; "
+                          "use labelled data or drop the [classes=...] suffix")
+    present = sorted(set(torch.unique(ds.labels).tolist()))
+    missing = sorted(set(classes) - set(present))
+    if missing:
+        listed = ",".join(map(str, present[:20])) + (",..." if len(present) > 20 else "")
+        raise EctuneError(f"dataset {ds.name!r} has no class {missing}; it has classes {listed}")
+    keep = torch.isin(ds.labels, torch.tensor(sorted(set(classes)), dtype=torch.int64))
+    name = f"{ds.name}[classes={','.join(map(str, sorted(set(classes))))}]"
+    return ImageDataset(ds.images[keep], ds.labels[keep], name)
+
+
+def load_dataset(spec: str, split: str = "train") -> ImageDataset:
+    """Load a dataset named by spec; `split` applies to Fashion-MNIST and CIFAR-10 (others have one).
+
+    spec: "fashion-mnist" / "fmnist" (searched), "fashion-mnist:DIR", "cifar10[:TARBALL_OR_DIR]", a
+    folder holding Fashion-MNIST IDX files, a path ending in .npz or .zip (EDM-style), an image folder,
+    or "digits" (needs scikit-learn); any of them followed by "[classes=0,2,4]" keeps only the images
+    of those classes (see `select_classes`).
     """
     _check_split(split)
+    base, classes = split_class_subset(spec)
+    if classes is not None:
+        return select_classes(load_dataset(base, split), classes)
     name, _, rest = spec.partition(":")
     if name.lower() in ("fashion-mnist", "fmnist"):
         return load_fashion_mnist(rest or None, split)
+    if name.lower() in ("cifar10", "cifar-10"):
+        return load_cifar10(rest or None, split)
+    if not spec.strip():
+        raise EctuneError("no dataset given; pass --data (e.g. fashion-mnist, cifar10:PATH, DIR, FILE.npz, FILE.zip)")
     if spec.lower() == "digits":
         return load_digits()
     path = Path(spec).expanduser()
     if spec.lower().endswith(".npz"):
         return load_npz(path)
+    if spec.lower().endswith(".zip"):
+        return load_zip(path)
     if path.is_dir():
         return load_fashion_mnist(path, split) if _has_fmnist_files(path) else load_image_folder(path)
+    what = f"dataset path {path} does not exist" if "/" in spec and not path.exists() else f"unknown dataset {spec!r}"
     raise EctuneError(
-        f"unknown dataset {spec!r}: use 'fashion-mnist', 'fashion-mnist:DIR', 'digits', "
-        "a path to an .npz file, or a folder of images or Fashion-MNIST IDX files"
+        f"{what}: use 'fashion-mnist', 'fashion-mnist:DIR', 'cifar10:PATH', 'digits', "
+        "a path to an .npz or .zip file, or a folder of images or Fashion-MNIST IDX files, optionally followed by "
+        "[classes=0,2,4]"
     )
 
 

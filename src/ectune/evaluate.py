@@ -38,6 +38,13 @@ def score_samples(x, ref) -> dict:
             "precision": float(precision), "recall": float(recall)}
 
 
+def fd_only(x, ref) -> float:
+    """Classifier FD alone (no KID, no precision/recall): what a search over settings needs."""
+    from .metrics import classifier_features, frechet_distance
+    f = classifier_features(to_uint8(x))
+    return float(frechet_distance(f.mean(0), np.cov(f, rowvar=False), ref[0], ref[1]))
+
+
 def inception_reference(dataset, *, weights=None, device="cpu", batch: int = 50, progress: bool = False):
     """(mu, sigma, stats_sha256) of `dataset` (ImageDataset or uint8 images) in Inception features, cached."""
     from .metrics.inception import inception_reference_stats

@@ -94,7 +94,7 @@ def draw(cfg: RunConfig, n: int, shape, step: int, gen: torch.Generator) -> Draw
 def batch_loss(cfg: RunConfig, D, x0, labels, d: Draws, teacher=None) -> torch.Tensor:
     """Per-sample loss (B,) of the method in `cfg.loss` for images x0 and their draws `d`."""
     L = cfg.loss
-    kw = dict(c=L.c, weighting=L.weighting, sigma_data=cfg.net.sigma_data, class_labels=labels)
+    kw = {"c": L.c, "weighting": L.weighting, "sigma_data": cfg.net.sigma_data, "class_labels": labels}
     if L.method == "edm":
         return edm_loss(D, x0, d.t, d.noise, sigma_data=cfg.net.sigma_data, class_labels=labels)
     if L.method in ("ect", "ict"):

@@ -1,0 +1,308 @@
+"""ECT against the alternatives on Fashion-MNIST, in one run on this machine (issue #3).
+
+    .venv/bin/python benchmarks/ect_benchmark.py                       # the defaults used for the README
+    .venv/bin/python benchmarks/ect_benchmark.py --n 10000             # the issue's sample count (hours on CPU)
+
+1. Quality vs NFE: the teacher with EDM Heun and DPM-Solver++(2M) at NFE 1–35 against ECT 1 and 2 steps,
+   all on the same seeds (classifier FD; Inception FID on two rows).
+2. Quality vs training compute: ECT, iCT from scratch and CD from the same teacher at equal budgets
+   (images and wall seconds), mid times searched on held-out seeds.
+3. Cost: an ECT iteration over an EDM iteration, 1-step sampling throughput over Heun-35.
+4. Scaling: ECT at several budgets for two network widths, with a power law fitted on the log-log plot.
+
+Every finished piece is cached as JSON under --out/rows, so an interrupted run continues where it
+stopped (run the same command again) and a larger --n recomputes only what it changes. Results:
+--out/*.json, --out/*.png, benchmarks/results/summary.json and a Markdown table (--out/table.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ectune import __version__
+from ectune.cli import main as ectune
+from ectune.evaluate import fd_only, reference, score_samples
+from ectune.midtime import (
+    HELDOUT_SEED0,
+    candidate_grid,
+    search_mid_times,
+    store_mid_times,
+)
+from ectune.models import load_denoiser
+from ectune.sampling import sample_images
+
+SHAPE = (1, 28, 28)
+HEUN_LEVELS = (1, 2, 3, 5, 9, 18)                # NFE 2N − 1: 1, 3, 5, 9, 17, 35
+DPM_NFE = (1, 2, 3, 5, 9, 17, 35)
+
+
+class Cache:
+    """One JSON file per finished piece of work."""
+
+    def __init__(self, root: Path):
+        self.root = root / "rows"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def get(self, name: str, fn):
+        path = self.root / f"{name}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        t0 = time.perf_counter()
+        value = fn()
+        value["bench_seconds"] = round(time.perf_counter() - t0, 1)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(value, indent=1))
+        tmp.replace(path)
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in value.items() if isinstance(v, float)), flush=True)
+        return value
+
+
+def score_row(D, seeds, ref, *, label: str, **sampler) -> dict:
+    t0 = time.perf_counter()
+    x = sample_images(D, seeds, SHAPE, batch=500, **sampler)
+    sec = (time.perf_counter() - t0) / len(seeds)
+    return {"label": label, **score_samples(x, ref), "seconds_per_image": sec, "n": len(seeds),
+            "sampler": {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in sampler.items()}}
+
+
+def train_seconds(run: Path) -> float:
+    """Compute seconds of a (possibly resumed) run, from its logged throughput."""
+    cfg = json.loads((run / "config.json").read_text())
+    recs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    total, prev = 0.0, 0
+    for r in recs:
+        if r["step"] > prev:
+            total += (r["step"] - prev) * cfg["batch"] / max(r["img_per_s"], 1e-9)
+        prev = r["step"]
+    return total
+
+
+def tune(runs: Path, name: str, teacher: str, method: str, steps: int, batch: int) -> Path:
+    out = runs / name
+    args = ["tune", "--method", method, "--teacher", teacher, "--data", "fashion-mnist", "--preset", "fmnist",
+            "--steps", str(steps), "--batch", str(batch), "--set", "ckpt_every=50",
+            "--set", f"sample_every={steps}", "--set", "log_every=10", "--out", str(out), "--no-progress"]
+    code = ectune(args)
+    if code != 0:
+        raise SystemExit(f"ectune tune failed ({code}): {' '.join(args)}")
+    return out
+
+
+def consistency_rows(cache, run: Path, name: str, seeds, ref, n_search: int) -> dict:
+    D, cfg = load_denoiser(run)
+    search_seeds = list(range(HELDOUT_SEED0, HELDOUT_SEED0 + n_search))
+    held_ref = ref
+
+    def search():
+        best, tried = search_mid_times(D, SHAPE, lambda x: fd_only(x, held_ref),
+                                       candidates=candidate_grid(0.2, 5.0, 9), seeds=search_seeds)
+        return {"mid_ts": best, "tried": tried}
+    mid = cache.get(f"{name}-midt", search)["mid_ts"]
+    store_mid_times(run, mid)
+    one = cache.get(f"{name}-1step", lambda: score_row(D, seeds, ref, label=f"{name} 1 step", ts=[80.0]))
+    two = cache.get(f"{name}-2step", lambda: score_row(D, seeds, ref, label=f"{name} 2 steps (mid {mid[0]:.3g})",
+                                                      ts=[80.0, *mid]))
+    return {"1step": one, "2step": two, "mid_ts": mid, "train_seconds": train_seconds(run),
+            "images": cfg.steps * cfg.batch}
+
+
+def iteration_cost(teacher: str, batch: int, iters: int = 8) -> dict:
+    """Seconds per iteration of EDM pretraining and of ECT on the same network and batch."""
+    from dataclasses import replace
+
+    from ectune.config import preset
+    from ectune.data import BatchSampler
+    from ectune.ema import EMA
+    from ectune.training import TrainState, _accumulate, make_optimizer
+    D, t_cfg = load_denoiser(teacher)
+    out = {}
+    for method in ("edm", "ect"):
+        cfg = replace(preset("fmnist", "pretrain" if method == "edm" else "tune"), batch=batch, net=t_cfg.net)
+        D.train()
+        images = torch.randint(0, 256, (4 * batch, *SHAPE), dtype=torch.uint8)
+        s = TrainState(D=D, ema=EMA(D), opt=make_optimizer(cfg, D.parameters()),
+                       sampler=BatchSampler(len(images), batch, 0), gen=torch.Generator().manual_seed(0), model=D)
+        times = []
+        for i in range(iters + 2):
+            t0 = time.perf_counter()
+            idx = s.sampler.next_batch()
+            s.opt.zero_grad(set_to_none=True)
+            _accumulate(cfg, s, images, None, idx, None)
+            s.opt.step()
+            s.ema.update(D, i + 1)
+            times.append(time.perf_counter() - t0)
+        out[method] = float(np.median(times[2:]))
+    return {"edm_seconds_per_iter": out["edm"], "ect_seconds_per_iter": out["ect"],
+            "ratio": out["ect"] / out["edm"], "batch": batch}
+
+
+def inception_row(D, n: int, label: str, **sampler) -> dict:
+    from ectune.data import load_fashion_mnist
+    from ectune.evaluate import (
+        inception_provenance,
+        inception_reference,
+        score_inception,
+    )
+    real = load_fashion_mnist(split="test").images[:n]
+    ref = inception_reference(real)
+    x = sample_images(D, list(range(n)), SHAPE, batch=250, **sampler)
+    return {"label": label, "n": n, "reference": f"first {n} Fashion-MNIST test images",
+            **score_inception(x, ref), **inception_provenance(f"fashion-mnist test[:{n}]")}
+
+
+def fit_power_law(x, y) -> tuple[float, float]:
+    """y ≈ a·x^b by least squares in log-log; returns (a, b)."""
+    b, log_a = np.polyfit(np.log(x), np.log(y), 1)
+    return float(math.exp(log_a)), float(b)
+
+
+def main() -> None:
+    from ectune.demo import shipped_teacher
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results/bench")
+    ap.add_argument("--runs", default="runs/bench")
+    ap.add_argument("--n", type=int, default=2000, help="samples per row (the issue asks 10,000)")
+    ap.add_argument("--n-search", type=int, default=500, help="held-out samples per mid-time candidate")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--budgets", default="100,200,400", help="tuning steps; the largest is the method comparison")
+    ap.add_argument("--teacher", default=str(shipped_teacher()))
+    ap.add_argument("--teacher-images", type=int, default=3_840_000, help="the teacher's pretraining images")
+    ap.add_argument("--teacher2", default="runs/teacher-w8", help="a teacher of another width (scaling)")
+    ap.add_argument("--inception-n", type=int, default=500)
+    args = ap.parse_args()
+    out, runs = Path(args.out), Path(args.runs)
+    cache = Cache(out)
+    torch.manual_seed(0)
+    ref = reference()
+    seeds = list(range(args.n))
+    budgets = sorted(int(b) for b in args.budgets.split(","))
+    big = budgets[-1]
+    tag = f"n{args.n}"
+
+    # 1. Quality vs NFE of the teacher.
+    T, _ = load_denoiser(args.teacher)
+    diffusion = []
+    for lv in HEUN_LEVELS:
+        diffusion.append(cache.get(f"{tag}-teacher-heun{2 * lv - 1}", lambda lv=lv: {
+            **score_row(T, seeds, ref, label=f"teacher Heun {2 * lv - 1} NFE", sampler="heun", heun_steps=lv),
+            "nfe": 2 * lv - 1, "family": "heun"}))
+    for k in DPM_NFE:
+        diffusion.append(cache.get(f"{tag}-teacher-dpm{k}", lambda k=k: {
+            **score_row(T, seeds, ref, label=f"teacher DPM-Solver++(2M) {k} NFE", sampler="dpmpp2m", dpm_nfe=k),
+            "nfe": k, "family": "dpmpp2m"}))
+
+    # 2. + 4. Tuning runs: ECT at every budget (two widths), iCT and CD at the largest.
+    models = {}
+    teachers = {"w16": args.teacher}
+    if args.teacher2 and Path(args.teacher2).exists():
+        teachers["w8"] = args.teacher2
+    for width, teacher in teachers.items():
+        for steps in budgets:
+            name = f"ect-{width}-{steps}"
+            run = tune(runs, name, teacher, "ect", steps, args.batch)
+            models[name] = consistency_rows(cache, run, f"{tag}-{name}", seeds, ref, args.n_search)
+    for method in ("ict", "cd"):
+        name = f"{method}-w16-{big}"
+        run = tune(runs, name, args.teacher, method, big, args.batch)
+        models[name] = consistency_rows(cache, run, f"{tag}-{name}", seeds, ref, args.n_search)
+
+    # 3. Cost.
+    cost = cache.get("iteration-cost", lambda: iteration_cost(args.teacher, args.batch))
+    heun35 = next(r for r in diffusion if r["family"] == "heun" and r["nfe"] == 35)
+    ect = models[f"ect-w16-{big}"]
+
+    # Inception FID on two rows (slow on CPU: ~8 images/s).
+    inc = {}
+    if args.inception_n > 0:
+        E, _ = load_denoiser(runs / f"ect-w16-{big}")
+        inc["ect_2step"] = cache.get(f"inception{args.inception_n}-ect-2step", lambda: inception_row(
+            E, args.inception_n, "ECT 2 steps", ts=[80.0, *ect["mid_ts"]]))
+        inc["teacher_heun35"] = cache.get(f"inception{args.inception_n}-teacher-heun35", lambda: inception_row(
+            T, args.inception_n, "teacher Heun 35 NFE", sampler="heun", heun_steps=18))
+
+    # Scaling fits.
+    scaling = {}
+    for width in teachers:
+        pts = [(models[f"ect-{width}-{b}"]["images"], models[f"ect-{width}-{b}"]["2step"]["fd"],
+                models[f"ect-{width}-{b}"]["1step"]["fd"]) for b in budgets]
+        scaling[width] = {"images": [p[0] for p in pts], "fd_2step": [p[1] for p in pts], "fd_1step": [p[2] for p in pts],
+                          "fit_2step": fit_power_law([p[0] for p in pts], [p[1] for p in pts]),
+                          "fit_1step": fit_power_law([p[0] for p in pts], [p[2] for p in pts])}
+
+    summary = {
+        "teacher_heun35_fd": heun35["fd"],
+        "ect_1step_fd": ect["1step"]["fd"],
+        "ect_2step_fd": ect["2step"]["fd"],
+        "best_diffusion_fd_nfe_le5": min(r["fd"] for r in diffusion if r["nfe"] <= 5),
+        "ict_2step_fd_equal_budget": models[f"ict-w16-{big}"]["2step"]["fd"],
+        "cd_2step_fd_equal_budget": models[f"cd-w16-{big}"]["2step"]["fd"],
+        "tune_images_over_pretrain_images": ect["images"] / args.teacher_images,
+        "ect_iter_over_edm_iter": cost["ratio"],
+        "onestep_speedup_vs_heun35": heun35["seconds_per_image"] / ect["1step"]["seconds_per_image"],
+        "metric": "FD in ectune's Fashion-MNIST classifier features vs the 10k test images (floor 0.73)",
+        "samples_per_row": args.n,
+        "inception_fid": {k: v["fid"] for k, v in inc.items()},
+        "command": "python benchmarks/ect_benchmark.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "date": time.strftime("%Y-%m-%d"), "ectune_version": __version__,
+        "machine": f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}",
+    }
+    (out / "results.json").write_text(json.dumps({"diffusion": diffusion, "models": models, "cost": cost,
+                                                  "inception": inc, "scaling": scaling}, indent=1))
+    Path("benchmarks/results/summary.json").write_text(json.dumps(summary, indent=1))
+    write_table(out / "table.md", diffusion, models, summary, budgets)
+    plot(out, diffusion, models, scaling, big)
+    print(json.dumps(summary, indent=1))
+
+
+def write_table(path: Path, diffusion, models, summary, budgets) -> None:
+    lines = ["| model | sampler | NFE | training images | train s | FD ↓ | precision | recall | s / image |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in diffusion:
+        lines.append(f"| teacher | {r['family']} | {r['nfe']} | – | – | {r['fd']:.1f} | {r['precision']:.3f} | "
+                     f"{r['recall']:.3f} | {r['seconds_per_image']:.4f} |")
+    for name, m in models.items():
+        for k, nfe in (("1step", 1), ("2step", 2)):
+            r = m[k]
+            sampler = "1 step" if nfe == 1 else f"2 steps, mid {m['mid_ts'][0]:.3g}"
+            lines.append(f"| {name} | {sampler} | {nfe} | {m['images']:,} | {m['train_seconds']:.0f} | {r['fd']:.1f} | "
+                         f"{r['precision']:.3f} | {r['recall']:.3f} | {r['seconds_per_image']:.4f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(out: Path, diffusion, models, scaling, big) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+    for fam, style in (("heun", "o-"), ("dpmpp2m", "s-")):
+        rows = sorted((r for r in diffusion if r["family"] == fam), key=lambda r: r["nfe"])
+        ax[0].plot([r["nfe"] for r in rows], [r["fd"] for r in rows], style, label=f"teacher {fam}")
+    for name, marker in ((f"ect-w16-{big}", "*"), (f"cd-w16-{big}", "^"), (f"ict-w16-{big}", "v")):
+        m = models[name]
+        ax[0].plot([1, 2], [m["1step"]["fd"], m["2step"]["fd"]], marker, ms=12, label=name)
+    ax[0].set(xscale="log", yscale="log", xlabel="NFE", ylabel="classifier FD", title="quality vs NFE")
+    ax[0].legend(fontsize=8)
+    for width, sc in scaling.items():
+        x = np.array(sc["images"], dtype=float)
+        for key, style in (("fd_2step", "o"), ("fd_1step", "s")):
+            a, b = sc["fit_" + key[3:]]
+            ax[1].plot(x, sc[key], style, label=f"ECT {width} {key[3:]} (fit ∝ C^{b:.2f})")
+            xx = np.geomspace(x.min(), x.max(), 20)
+            ax[1].plot(xx, a * xx ** b, "--", color=ax[1].lines[-1].get_color())
+    ax[1].set(xscale="log", yscale="log", xlabel="tuning images", ylabel="classifier FD", title="ECT scaling")
+    ax[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "benchmark.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
