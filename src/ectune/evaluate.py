@@ -62,10 +62,11 @@ def score_inception(x, ref, *, weights=None, device="cpu", batch: int = 50, prog
 
 def inception_provenance(reference_name: str, weights=None) -> dict:
     """The `features` entries of `provenance` for Inception FID: network name, file and sha256."""
-    from .metrics.inception import FEATURES_VERSION, NETWORK_NAME, find_weights, network_sha256
+    from .metrics.inception import FEATURES_VERSION, NETWORK_NAME, STANDARD_SHA256, find_weights, network_sha256
+    sha = network_sha256(weights)
     return {"metric": "inception-fid", "metric_features": NETWORK_NAME, "feature_preprocessing": FEATURES_VERSION,
-            "feature_network_file": str(find_weights(weights)), "feature_network_sha256": network_sha256(weights),
-            "reference": reference_name}
+            "feature_network_file": str(find_weights(weights)), "feature_network_sha256": sha,
+            "feature_network_is_standard": sha == STANDARD_SHA256, "reference": reference_name}
 
 
 def file_sha256(path) -> str:

