@@ -22,6 +22,15 @@ def gaussian_denoiser():
     return GaussianDenoiser()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The tests' tiny models run as fast on one thread, and a busy machine does not stall a second one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -25,14 +25,6 @@ from ectune.cli import main
 FAST = ["--batch", "8", "--set", "sample.grid=4", "--set", "sample.heun_steps=2", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run as fast on one thread, and a busy machine does not stall a second one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):

@@ -39,14 +39,6 @@ FUZZ = settings(max_examples=_EXAMPLES or 60, derandomize=not _EXAMPLES, deadlin
                 suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run as fast on one thread, and a busy machine does not stall a second one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @st.composite
 def mutated(draw, seed: bytes) -> bytes:

@@ -33,14 +33,6 @@ import torch
 STEPS = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run as fast on one thread, and a busy machine does not stall a second one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _pretrain_args(data: str, out: str) -> list[str]:
     return ["pretrain", "--preset", "tiny", "--data", data, "--out", out, "--steps", str(STEPS), "--batch", "8",

@@ -19,14 +19,6 @@ from ectune.models import build_denoiser, load_denoiser
 from ectune.sampling import sample_images
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions run far faster on one thread than on two that other processes share."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
