@@ -328,3 +328,11 @@ def test_really_read_only_checkpoint_folder(base, tmp_path, capsys):
     finally:
         (run / "checkpoints").chmod(0o755)
     assert main(args) == 0
+
+
+def test_resume_never_refuses_an_existing_run(base, capsys):
+    """--resume auto (the default) continues a run folder; --resume never refuses it and writes nothing."""
+    root, args = base
+    before = _tree(root / "run")
+    _fails(args + ["--resume", "never"], capsys, "--resume never")
+    assert _tree(root / "run") == before

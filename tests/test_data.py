@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from ectune import data
-from ectune.data import BatchSampler, ImageDataset
+from ectune.data import BatchSampler, ImageDataset, fmnist
 from ectune.errors import EctuneError
 
 FMNIST_NAMES = {
@@ -75,7 +75,7 @@ def rgb(h: int = 8, w: int = 8) -> np.ndarray:
 def no_fmnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Hide every default Fashion-MNIST location."""
     monkeypatch.delenv("ECTUNE_DATA", raising=False)
-    monkeypatch.setattr(data, "SYSTEM_FMNIST_DIR", tmp_path / "no-system")
+    monkeypatch.setattr(fmnist, "SYSTEM_FMNIST_DIR", tmp_path / "no-system")  # where the search path reads it
     monkeypatch.setenv("HOME", str(tmp_path / "no-home"))
 
 

@@ -39,6 +39,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set loss.q=4 --set optim.lr=2e-4")
+    p.add_argument("--resume", default="auto", choices=["auto", "never"],
+                   help="auto (default): an --out folder holding this run is continued exactly; never: refuse it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -57,9 +59,12 @@ def _configure(args, base: RunConfig) -> RunConfig:
     return cfg
 
 
-def _prepare_run(cfg: RunConfig, out: Path) -> RunConfig:
+def _prepare_run(cfg: RunConfig, out: Path, resume: str = "auto") -> RunConfig:
     """Create the run folder, or check that an existing one holds this same run (then it resumes)."""
     cfg_file, tmp = out / "config.json", out / "config.json.tmp"
+    if cfg_file.exists() and resume == "never":
+        raise EctuneError(f"{out} already holds a run and --resume never was given; choose another --out "
+                          "(or drop --resume never to continue it)")
     if cfg_file.exists():
         try:
             old = read_config(cfg_file)
@@ -102,7 +107,7 @@ def cmd_pretrain(args) -> None:
         raise EctuneError(f"--cond needs class labels but {cfg.data} has none")
     net = replace(cfg.net, img_resolution=ds.images.shape[2], in_channels=ds.images.shape[1], label_dim=label_dim)
     cfg = replace(cfg, net=net)
-    cfg = distributed.on_main(lambda: _prepare_run(cfg, Path(args.out)))
+    cfg = distributed.on_main(lambda: _prepare_run(cfg, Path(args.out), args.resume))
     state = train(cfg, Path(args.out), ds, build_denoiser(cfg.net, cfg.seed), device=device, progress=not args.no_progress)
     _report(state, cfg, args.out)
 
@@ -152,7 +157,7 @@ def cmd_tune(args) -> None:
     else:
         D = student_from(tensors, cfg.net, f"teacher {args.teacher}")
     teacher = student_from(tensors, cfg.net, f"teacher {args.teacher}") if cfg.loss.method == "cd" else None
-    cfg = distributed.on_main(lambda: _prepare_run(cfg, Path(args.out)))   # after the teacher fits
+    cfg = distributed.on_main(lambda: _prepare_run(cfg, Path(args.out), args.resume))   # after the teacher fits
     state = train(cfg, Path(args.out), ds, D, device=device, progress=not args.no_progress, teacher=teacher)
     _report(state, cfg, args.out)
 

@@ -301,8 +301,9 @@ def _loop(cfg, run_dir, ds, s: TrainState, device, progress, amp_dtype):
     params = [p for p in s.D.parameters() if p.requires_grad]
     main = distributed.is_main()
     bar = tqdm(total=cfg.steps, initial=s.step, disable=not progress, unit="it", dynamic_ncols=True)
-    t_last, n_last, bad_run, stop = time.perf_counter(), s.step, 0, False
-    log = open(run_dir / "log.jsonl", "a") if main else None
+    rate = _Rate(s.step, cfg.batch)
+    bad_run, stop = 0, False
+    log = open(run_dir / "log.jsonl", "a") if main else None     # noqa: SIM115 (closed in finally)
     try:
         while s.step < cfg.steps and not stop:        # `stop` is agreed by all ranks, s.stop_requested is local
             idx = s.sampler.next_batch().to(device)
@@ -314,43 +315,59 @@ def _loop(cfg, run_dir, ds, s: TrainState, device, progress, amp_dtype):
             stats = distributed.all_reduce_sum(torch.stack([loss_sum.float(), torch.tensor(
                 float(s.stop_requested), device=device)]))
             loss, stop = stats[0] / cfg.batch, bool(stats[1] > 0)
-            if not (torch.isfinite(loss) and grads_finite(params)):
-                s.nonfinite_total, bad_run = s.nonfinite_total + 1, bad_run + 1
+            finite = bool(torch.isfinite(loss)) and grads_finite(params)
+            bad_run = 0 if finite else bad_run + 1
+            if finite:
+                _update(cfg, s)
+            else:                                          # skipped: counted, and stopped after a run of them
+                s.nonfinite_total += 1
                 if s.scaler is not None:
-                    s.scaler.update()                            # lowers the fp16 loss scale
+                    s.scaler.update()                      # lowers the fp16 loss scale
                 _check_nonfinite(cfg, run_dir, s, info, bad_run)
                 s.step += 1
-                continue
-            bad_run = 0
-            for g in s.opt.param_groups:
-                g["lr"] = lr_at(cfg, s.step)
-            if s.scaler is not None:
-                s.scaler.step(s.opt)
-                s.scaler.update()
-            else:
-                s.opt.step()
-            s.step += 1
-            s.ema.update(s.D, s.step)
             bar.update(1)
-            if main and (s.step % cfg.log_every == 0 or s.step == cfg.steps):
-                now = time.perf_counter()
-                rate = (s.step - n_last) * cfg.batch / max(now - t_last, 1e-9)
-                t_last, n_last = now, s.step
+            if main and finite and (s.step % cfg.log_every == 0 or s.step == cfg.steps):
                 rec = {"step": s.step, "kimg": s.step * cfg.batch / 1000, "loss": loss.item(),
-                       "lr": lr_at(cfg, s.step - 1), "img_per_s": round(rate, 1),
+                       "lr": lr_at(cfg, s.step - 1), "img_per_s": rate.since_last(s.step),
                        "nonfinite_skipped": s.nonfinite_total, **info}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-                bar.set_postfix(loss=f"{rec['loss']:.4g}", img_s=f"{rate:.0f}", **info)
-            if s.step % cfg.ckpt_every == 0 or s.step == cfg.steps:
+                bar.set_postfix(loss=f"{rec['loss']:.4g}", img_s=f"{rec['img_per_s']:.0f}", **info)
+            if finite and (s.step % cfg.ckpt_every == 0 or s.step == cfg.steps):   # checkpoints stay "good"
                 save(run_dir, cfg, s)
-            if main and (s.step % cfg.sample_every == 0 or s.step == cfg.steps):
+            if main and finite and (s.step % cfg.sample_every == 0 or s.step == cfg.steps):
                 write_grid(run_dir, cfg, s, tuple(ds.images.shape[1:]))
     finally:
-        s.stop_requested = stop
+        s.stop_requested = stop and s.step < cfg.steps   # a stop during the last step: the run is complete
         if log is not None:
             log.close()
         bar.close()
+
+
+def _update(cfg, s: TrainState) -> None:
+    """Optimizer step at this iteration's learning rate, then the EMA; advances s.step."""
+    for g in s.opt.param_groups:
+        g["lr"] = lr_at(cfg, s.step)
+    if s.scaler is not None:
+        s.scaler.step(s.opt)
+        s.scaler.update()
+    else:
+        s.opt.step()
+    s.step += 1
+    s.ema.update(s.D, s.step)
+
+
+class _Rate:
+    """Images per second between successive log records."""
+
+    def __init__(self, step: int, batch: int):
+        self.step, self.batch, self.t = step, batch, time.perf_counter()
+
+    def since_last(self, step: int) -> float:
+        now = time.perf_counter()
+        rate = (step - self.step) * self.batch / max(now - self.t, 1e-9)
+        self.step, self.t = step, now
+        return round(rate, 1)
 
 
 def _check_nonfinite(cfg, run_dir, s: TrainState, info, bad_run: int) -> None:
