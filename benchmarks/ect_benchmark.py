@@ -85,9 +85,9 @@ def train_seconds(run: Path) -> float:
     return total
 
 
-def tune(runs: Path, name: str, teacher: str, method: str, steps: int, batch: int) -> Path:
+def tune(runs: Path, name: str, teacher: str, method: str, steps: int, batch: int, data: str = "fashion-mnist") -> Path:
     out = runs / name
-    args = ["tune", "--method", method, "--teacher", teacher, "--data", "fashion-mnist", "--preset", "fmnist",
+    args = ["tune", "--method", method, "--teacher", teacher, "--data", data, "--preset", "fmnist",
             "--steps", str(steps), "--batch", str(batch), "--set", "ckpt_every=50",
             "--set", f"sample_every={steps}", "--set", "log_every=10", "--out", str(out), "--no-progress"]
     code = ectune(args)
