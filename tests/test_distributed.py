@@ -103,3 +103,31 @@ def test_noise_levels_stay_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = D(torch.randn(2, 1, 28, 28), torch.tensor([0.5, 3.0]))
     assert seen["emb"] == torch.float32 and out.dtype == torch.float32
+
+
+def test_ict_curriculum_is_frozen_when_a_run_is_extended(setup):
+    """iCT's level doubling is scheduled over the run's length at creation, like ECT's stages."""
+    from ectune.config import read_config
+    run = setup / "ict-frozen"
+    assert main(_tune_args(setup, run, "--method", "ict")) == 0
+    cfg = read_config(run / "config.json")
+    assert cfg.loss.ict_total_steps == 3 and (cfg.loss.P_mean, cfg.loss.P_std, cfg.loss.weighting) == (-1.1, 2.0, "inv_dt")
+    assert main(_tune_args(setup, run, "--method", "ict", "--steps", "5")) == 0
+    assert read_config(run / "config.json").loss.ict_total_steps == 3
+
+
+def test_more_processes_than_seeds(setup):
+    out = setup / "few.npz"
+    proc = _torchrun(["sample", "--ckpt", str(setup / "teacher"), "--sampler", "heun", "--num-steps", "2",
+                      "--n", "1", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert np.load(out)["images"].shape[0] == 1
+
+
+def test_ect_stages_are_kept_when_a_run_is_extended(setup):
+    from ectune.config import read_config
+    run = setup / "ect-extend"
+    assert main(_tune_args(setup, run, "--steps", "16")) == 0
+    assert read_config(run / "config.json").loss.stage_iters == 2
+    assert main(_tune_args(setup, run, "--steps", "20")) == 0         # ceil(20 / 8) would be 3
+    assert read_config(run / "config.json").loss.stage_iters == 2

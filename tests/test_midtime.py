@@ -48,7 +48,19 @@ def test_store_changes_only_the_configs_mid_times(tmp_path):
     assert cfg1.net == cfg0.net and cfg1.loss == cfg0.loss
     assert t0.keys() == t1.keys() and all(torch.equal(t0[k], t1[k]) for k in t0)
     assert {k for k in meta0 if k != "config"} <= set(meta1)
-    assert json.loads(meta1["mid_ts_search"])["mid_ts"] == [1.234]
+    assert json.loads(meta1["mid_ts_by_steps"]) == {"2": [1.234]}
+
+
+def test_a_three_step_search_keeps_the_two_step_times(tmp_path):
+    from ectune.demo import shipped_teacher
+    from ectune.midtime import stored_mid_times
+    f = tmp_path / "m.safetensors"
+    shutil.copy(shipped_teacher(), f)
+    assert stored_mid_times(f, 2) is None
+    store_mid_times(f, [1.5])
+    store_mid_times(f, [3.0, 0.7])
+    assert stored_mid_times(f, 2) == [1.5] and stored_mid_times(f, 3) == [3.0, 0.7]
+    assert read_weights(f)[0].sample.mid_ts == (1.5,)                 # the config keeps the 2-step times
 
 
 def test_cli_eval_search_stores_and_sample_uses_it(tmp_path, capsys):
@@ -74,3 +86,20 @@ def test_cli_eval_search_stores_and_sample_uses_it(tmp_path, capsys):
     got = np.load(tmp_path / "s.npz")["images"]
     from ectune.images import to_uint8
     assert np.array_equal(got, to_uint8(want))
+
+
+def test_eval_and_search_on_a_class_conditional_model(tmp_path):
+    """Conditional models get labels seed % classes in eval and in the held-out search."""
+    import numpy as np
+    from ectune.cli import main
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (24, 28, 28), dtype=np.uint8),
+             labels=rng.integers(0, 3, 24))
+    assert main(["pretrain", "--preset", "tiny", "--cond", "--data", str(tmp_path / "d.npz"), "--steps", "2",
+                 "--set", "sample.grid=4", "--set", "sample.heun_steps=2", "--out", str(tmp_path / "t"),
+                 "--no-progress"]) == 0
+    out = tmp_path / "r.json"
+    assert main(["eval", "--ckpt", str(tmp_path / "t"), "--sampler", "consistency", "--steps", "2",
+                 "--search-mid-t", "--candidates", "0.5", "2.0", "--search-n", "8", "--n", "8",
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["mid_t_search"]["mid_ts"][0] in (0.5, 2.0)

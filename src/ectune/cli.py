@@ -115,12 +115,30 @@ def cmd_pretrain(args) -> None:
 def _method_config(cfg: RunConfig, method: str) -> RunConfig:
     """The tune preset turned into one of the compared methods (same network, optimizer and data).
 
-    iCT keeps ECT's lognormal(−1.1, 2.0) but on discrete Karras pairs, with c = 0.00054·√dim (ECT.md §6).
+    iCT (ECT.md §6): discrete Karras pairs drawn by a discretised lognormal(−1.1, 2.0), weight
+    1/(σ_{i+1} − σ_i) ("inv_dt"), c = 0.00054·√dim. Its CIFAR-10 dropout of 0.3 is not applied: the
+    comparison keeps the preset's network as it is (`--set net.dropout=0.3` to follow iCT).
     """
     if method == "ict":
         dim = cfg.net.in_channels * cfg.net.img_resolution ** 2
-        return replace(cfg, loss=replace(cfg.loss, method="ict", c=0.00054 * math.sqrt(dim)))
+        return replace(cfg, loss=replace(cfg.loss, method="ict", P_mean=-1.1, P_std=2.0, weighting="inv_dt",
+                                         c=0.00054 * math.sqrt(dim)))
     return replace(cfg, loss=replace(cfg.loss, method=method))
+
+
+def _freeze_schedule(cfg: RunConfig, out: Path) -> RunConfig:
+    """Fix ECT's stage length and iCT's curriculum length when a run is created; a continued run
+    (perhaps with a larger --steps) keeps the values it was created with."""
+    old = None
+    if (out / "config.json").is_file():
+        try:
+            old = read_config(out / "config.json")
+        except EctuneError:
+            pass                                # _prepare_run reports it
+    L = cfg.loss
+    stage_iters = L.stage_iters or (old.loss.stage_iters if old else 0) or cfg.stage_iters
+    total = L.ict_total_steps or (old.loss.ict_total_steps if old else 0) or cfg.steps
+    return replace(cfg, loss=replace(L, stage_iters=stage_iters, ict_total_steps=total if L.method == "ict" else 0))
 
 
 def cmd_tune(args) -> None:
@@ -142,7 +160,7 @@ def cmd_tune(args) -> None:
     cfg = _configure(args, _method_config(base, args.method))
     if cfg.loss.method not in ("ect", "ict", "cd"):
         raise EctuneError(f"tune trains a consistency model: loss.method must be ect, ict or cd, not {cfg.loss.method!r}")
-    cfg = replace(cfg, loss=replace(cfg.loss, stage_iters=cfg.stage_iters))     # freeze the stage schedule
+    cfg = _freeze_schedule(cfg, Path(args.out))
     device = resolve_device(args.device)
     ds = _load_data(cfg.data)
     want = (cfg.net.in_channels, cfg.net.img_resolution)
@@ -174,6 +192,9 @@ def _sample_sharded(D, seeds, shape, labels, **kw):
     (None on the others). A seed gives the same image whatever the number of processes."""
     from .sampling import sample_images
     mine = distributed.shard(range(len(seeds)))
+    if not mine:                                # more processes than seeds
+        import torch
+        return distributed.gather_shards(torch.empty((0, *shape)))
     x = sample_images(D, [seeds[i] for i in mine], shape, class_labels=None if labels is None else labels[mine],
                       **kw).cpu()
     return distributed.gather_shards(x)
@@ -187,7 +208,7 @@ def cmd_sample(args) -> None:
     device = resolve_device(args.device)
     D, cfg = load_denoiser(args.ckpt, which=args.weights, device=device)
     sampler = args.sampler or ("heun" if cfg.kind == "pretrain" else "consistency")
-    ts = args.ts or default_consistency_times(args.steps, cfg.sample.mid_ts, cfg.sample.t_max)
+    ts = args.ts or default_consistency_times(args.steps, _mid_times(args, cfg), cfg.sample.t_max)
     seeds = list(range(args.seed, args.seed + args.n))
     shape = (cfg.net.in_channels, cfg.net.img_resolution, cfg.net.img_resolution)
     labels = None
@@ -244,11 +265,22 @@ def _search_mid_t(args, D, cfg, shape, sampler, seeds, score, ref, device) -> di
     best, tried = search_mid_times(D, shape, (lambda x: score(x)["fid"]) if args.metric == "inception" else
                                    (lambda x: fd_only(x, ref)),
                                    steps=args.steps, candidates=cands, seeds=held, t_max=cfg.sample.t_max,
-                                   batch=args.batch, device=device)
-    if distributed.is_main():
-        stored = store_mid_times(args.ckpt, best)
-        print(f"best mid times {[round(t, 4) for t in best]} on {len(held)} held-out seeds; stored in {stored}")
+                                   batch=args.batch, device=device, class_labels=_labels(cfg, held))
+    stored = store_mid_times(args.ckpt, best)
+    print(f"best mid times {[round(t, 4) for t in best]} on {len(held)} held-out seeds; stored in {stored}")
     return {"mid_ts": best, "heldout_seeds": [held[0], held[-1] + 1], "tried": tried}
+
+
+def _labels(cfg: RunConfig, seeds):
+    """Class labels of a conditional model's samples: seed % classes (None for unconditional models)."""
+    import torch
+    return torch.tensor(list(seeds)) % cfg.net.label_dim if cfg.net.label_dim else None
+
+
+def _mid_times(args, cfg: RunConfig) -> list[float]:
+    """Mid times for --steps: a stored search result for that step count, else the config's."""
+    from .midtime import stored_mid_times
+    return stored_mid_times(args.ckpt, args.steps) or list(cfg.sample.mid_ts)
 
 
 def cmd_eval(args) -> None:
@@ -270,12 +302,12 @@ def cmd_eval(args) -> None:
                 if args.metric == "inception" else score_samples(x, ref))
     search = None
     if args.search_mid_t:
-        search = _search_mid_t(args, D, cfg, shape, sampler, seeds, score, ref, device)
-    ts = args.ts or default_consistency_times(args.steps, search["mid_ts"] if search else cfg.sample.mid_ts,
+        search = distributed.on_main(lambda: _search_mid_t(args, D, cfg, shape, sampler, seeds, score, ref, device))
+    ts = args.ts or default_consistency_times(args.steps, search["mid_ts"] if search else _mid_times(args, cfg),
                                               cfg.sample.t_max)
     spec = _sampler_spec(sampler, args, ts)
     t0 = time.perf_counter()
-    x = _sample_sharded(D, seeds, shape, None, sampler=sampler, ts=ts, heun_steps=args.num_steps, dpm_nfe=args.nfe,
+    x = _sample_sharded(D, seeds, shape, _labels(cfg, seeds), sampler=sampler, ts=ts, heun_steps=args.num_steps, dpm_nfe=args.nfe,
                         batch=args.batch, device=device)
     seconds = time.perf_counter() - t0
     if x is None:                               # another torchrun rank: rank 0 scores and writes

@@ -49,6 +49,7 @@ class LossConfig:
     weighting: str = "inv_dt"               # "inv_dt": 1/(t − r); "snr": 1/t² + 1/σd²
     ict_s0: int = 10                        # iCT: discretisation levels double from s0 to s1
     ict_s1: int = 1280
+    ict_total_steps: int = 0                # iCT curriculum length K (0: the run's steps; frozen at creation)
     cd_solver: str = "heun"                 # CD: the teacher's ODE step from t to r ("heun" | "euler")
 
 

@@ -17,7 +17,6 @@ import numpy as np
 from safetensors.torch import save_file
 
 from .checkpoint import read_weights, resolve_weights
-from .config import RunConfig
 from .errors import EctuneError
 from .sampling import sample_images
 
@@ -65,21 +64,43 @@ def search_mid_times(D, shape, score: Callable, *, steps: int = 2, candidates: S
     return best, tried
 
 
-def store_mid_times(ckpt, mid_ts: Sequence[float]) -> Path:
-    """Write `mid_ts` into sample.mid_ts of the weights file's config, atomically; returns the file.
+def _metadata(f: Path) -> dict[str, str]:
+    from safetensors import safe_open
+    with safe_open(str(f), framework="pt") as handle:
+        return dict(handle.metadata() or {})
 
-    Only the stored config changes: tensors and every other metadata entry stay as they were.
+
+def stored_mid_times(ckpt, steps: int) -> list[float] | None:
+    """The searched mid times for `steps`-step sampling stored in a weights file, if any."""
+    try:
+        by_steps = json.loads(_metadata(resolve_weights(ckpt)).get("mid_ts_by_steps", "{}"))
+        found = by_steps.get(str(steps))
+    except (json.JSONDecodeError, AttributeError, OSError, ValueError, EctuneError):
+        return None
+    return [float(t) for t in found] if isinstance(found, list) and len(found) == steps - 1 else None
+
+
+def store_mid_times(ckpt, mid_ts: Sequence[float]) -> Path:
+    """Store searched mid times for (len(mid_ts) + 1)-step sampling in the weights file, atomically.
+
+    They go into the metadata entry "mid_ts_by_steps" (one entry per step count, so a 3-step search
+    does not erase the 2-step times) and, for 2-step times, into the config's sample.mid_ts too.
+    Tensors and every other metadata entry stay as they were. Returns the file.
     """
     from dataclasses import replace
-
-    from safetensors import safe_open
     f = resolve_weights(ckpt)
-    cfg, tensors, meta = read_weights(f)
-    with safe_open(str(f), framework="pt") as handle:
-        meta = dict(handle.metadata() or {})
-    new_cfg: RunConfig = replace(cfg, sample=replace(cfg.sample, mid_ts=tuple(float(t) for t in mid_ts)))
-    meta["config"] = new_cfg.to_json()
-    meta["mid_ts_search"] = json.dumps({"mid_ts": list(new_cfg.sample.mid_ts)})
+    cfg, tensors, _ = read_weights(f)
+    meta = _metadata(f)
+    mid = [float(t) for t in mid_ts]
+    if len(mid) == 1:
+        cfg = replace(cfg, sample=replace(cfg.sample, mid_ts=tuple(mid)))
+    try:
+        by_steps = json.loads(meta.get("mid_ts_by_steps", "{}"))
+    except json.JSONDecodeError:
+        by_steps = {}
+    by_steps = {**(by_steps if isinstance(by_steps, dict) else {}), str(len(mid) + 1): mid}
+    meta["config"] = cfg.to_json()
+    meta["mid_ts_by_steps"] = json.dumps(by_steps)
     tmp = f.with_name(f.name + ".tmp")
     try:
         save_file(tensors, str(tmp), metadata=meta)

@@ -79,7 +79,7 @@ def draw(cfg: RunConfig, n: int, shape, step: int, gen: torch.Generator) -> Draw
         raise EctuneError(f"unknown loss.method {L.method!r}; use one of {', '.join(METHODS)}")
     r, info = None, {}
     if L.method == "ict":
-        levels = ict_num_levels(step, cfg.steps, L.ict_s0, L.ict_s1)
+        levels = ict_num_levels(step, L.ict_total_steps or cfg.steps, L.ict_s0, L.ict_s1)
         t, r = ict_t_r(n, levels, P_mean=L.P_mean, P_std=L.P_std, generator=gen, device=dev)
         info = {"levels": levels}
     else:
@@ -147,8 +147,8 @@ def _rng_states(device: torch.device):
 def save(run_dir: Path, cfg: RunConfig, s: TrainState) -> Path | None:
     """Checkpoint written by rank 0; every rank contributes its own CPU/CUDA RNG state."""
     rngs = distributed.all_gather_object(_rng_states(s.gen.device))
-    path = None
-    if distributed.is_main():
+
+    def write() -> Path:
         train_state = {
             "step": s.step, "optimizer": s.opt.state_dict(), "sampler": s.sampler.state_dict(),
             "gen": s.gen.get_state(), "cpu_rng": rngs[0][0], "cuda_rng": rngs[0][1],
@@ -156,9 +156,8 @@ def save(run_dir: Path, cfg: RunConfig, s: TrainState) -> Path | None:
             "nonfinite_total": s.nonfinite_total,
             "scaler": s.scaler.state_dict() if s.scaler is not None else {},
         }
-        path = ckpt.save_checkpoint(run_dir, s.step, cfg, state_tensors(s), train_state, keep=cfg.keep_ckpts)
-    distributed.barrier()
-    return path
+        return ckpt.save_checkpoint(run_dir, s.step, cfg, state_tensors(s), train_state, keep=cfg.keep_ckpts)
+    return distributed.on_main(write)               # a failed write stops every rank with its message
 
 
 def restore(ckpt_dir: Path, s: TrainState) -> None:
@@ -177,7 +176,7 @@ def restore(ckpt_dir: Path, s: TrainState) -> None:
         if cuda_states[rank].numel() and s.gen.device.type == "cuda":
             torch.cuda.set_rng_state(cuda_states[rank], s.gen.device)
     else:   # resumed on another number of processes: fresh, but still deterministic, dropout streams
-        torch.manual_seed(hash((s.step, rank)) % 2**62)
+        torch.manual_seed(int(st["step"]) * 1_000_003 + rank)
     if s.scaler is not None and st.get("scaler"):
         s.scaler.load_state_dict(st["scaler"])
     s.step, s.nonfinite_total = int(st["step"]), int(st["nonfinite_total"])
@@ -335,8 +334,8 @@ def _loop(cfg, run_dir, ds, s: TrainState, device, progress, amp_dtype):
                 bar.set_postfix(loss=f"{rec['loss']:.4g}", img_s=f"{rec['img_per_s']:.0f}", **info)
             if finite and (s.step % cfg.ckpt_every == 0 or s.step == cfg.steps):   # checkpoints stay "good"
                 save(run_dir, cfg, s)
-            if main and finite and (s.step % cfg.sample_every == 0 or s.step == cfg.steps):
-                write_grid(run_dir, cfg, s, tuple(ds.images.shape[1:]))
+            if finite and (s.step % cfg.sample_every == 0 or s.step == cfg.steps):
+                distributed.on_main(lambda: write_grid(run_dir, cfg, s, tuple(ds.images.shape[1:])))
     finally:
         s.stop_requested = stop and s.step < cfg.steps   # a stop during the last step: the run is complete
         if log is not None:
