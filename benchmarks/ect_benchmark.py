@@ -144,6 +144,19 @@ def iteration_cost(teacher: str, batch: int, iters: int = 8) -> dict:
             "ratio": out["ect"] / out["edm"], "batch": batch}
 
 
+def throughput(T, E, mid_ts, n: int = 500) -> dict:
+    """Seconds per image of teacher Heun-35 and of ECT 1 and 2 steps, timed back to back on the same
+    seeds and batch (the quality rows are timed too, but hours apart, when the load may differ)."""
+    seeds = list(range(n))
+    out = {}
+    for name, D, kw in (("heun35", T, {"sampler": "heun", "heun_steps": 18}), ("ect_1step", E, {"ts": [80.0]}),
+                        ("ect_2step", E, {"ts": [80.0, *mid_ts]})):
+        t0 = time.perf_counter()
+        sample_images(D, seeds, SHAPE, batch=n, **kw)
+        out[name] = (time.perf_counter() - t0) / n
+    return {"seconds_per_image": out, "onestep_speedup_vs_heun35": out["heun35"] / out["ect_1step"], "n": n}
+
+
 def inception_row(D, n: int, label: str, **sampler) -> dict:
     from ectune.data import load_fashion_mnist
     from ectune.evaluate import (
@@ -218,11 +231,12 @@ def main() -> None:
     cost = cache.get("iteration-cost", lambda: iteration_cost(args.teacher, args.batch))
     heun35 = next(r for r in diffusion if r["family"] == "heun" and r["nfe"] == 35)
     ect = models[f"ect-w16-{big}"]
+    E, _ = load_denoiser(runs / f"ect-w16-{big}")
+    speed = cache.get("throughput", lambda: throughput(T, E, ect["mid_ts"]))
 
     # Inception FID on two rows (slow on CPU: ~8 images/s).
     inc = {}
     if args.inception_n > 0:
-        E, _ = load_denoiser(runs / f"ect-w16-{big}")
         inc["ect_2step"] = cache.get(f"inception{args.inception_n}-ect-2step", lambda: inception_row(
             E, args.inception_n, "ECT 2 steps", ts=[80.0, *ect["mid_ts"]]))
         inc["teacher_heun35"] = cache.get(f"inception{args.inception_n}-teacher-heun35", lambda: inception_row(
@@ -246,7 +260,9 @@ def main() -> None:
         "cd_2step_fd_equal_budget": models[f"cd-w16-{big}"]["2step"]["fd"],
         "tune_images_over_pretrain_images": ect["images"] / args.teacher_images,
         "ect_iter_over_edm_iter": cost["ratio"],
-        "onestep_speedup_vs_heun35": heun35["seconds_per_image"] / ect["1step"]["seconds_per_image"],
+        "onestep_speedup_vs_heun35": speed["onestep_speedup_vs_heun35"],
+        "cd_train_seconds_over_ect": models[f"cd-w16-{big}"]["train_seconds"] / ect["train_seconds"],
+        "ect_2step_fd_power_law_exponent": scaling["w16"]["fit_2step"][1],
         "metric": "FD in ectune's Fashion-MNIST classifier features vs the 10k test images (floor 0.73)",
         "samples_per_row": args.n,
         "inception_fid": {k: v["fid"] for k, v in inc.items()},
@@ -256,6 +272,7 @@ def main() -> None:
         "machine": f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}",
     }
     (out / "results.json").write_text(json.dumps({"diffusion": diffusion, "models": models, "cost": cost,
+                                                  "throughput": speed,
                                                   "inception": inc, "scaling": scaling}, indent=1))
     Path("benchmarks/results/summary.json").write_text(json.dumps(summary, indent=1))
     write_table(out / "table.md", diffusion, models, summary, budgets)

@@ -136,9 +136,11 @@ def _freeze_schedule(cfg: RunConfig, out: Path) -> RunConfig:
         except EctuneError:
             pass                                # _prepare_run reports it
     L = cfg.loss
-    stage_iters = L.stage_iters or (old.loss.stage_iters if old else 0) or cfg.stage_iters
-    total = L.ict_total_steps or (old.loss.ict_total_steps if old else 0) or cfg.steps
-    return replace(cfg, loss=replace(L, stage_iters=stage_iters, ict_total_steps=total if L.method == "ict" else 0))
+    if old is not None:                         # continue with what the run was created with
+        return replace(cfg, loss=replace(L, stage_iters=L.stage_iters or old.loss.stage_iters,
+                                         ict_total_steps=L.ict_total_steps or old.loss.ict_total_steps))
+    total = (L.ict_total_steps or cfg.steps) if L.method == "ict" else 0
+    return replace(cfg, loss=replace(L, stage_iters=cfg.stage_iters, ict_total_steps=total))
 
 
 def cmd_tune(args) -> None:
