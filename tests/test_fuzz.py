@@ -165,10 +165,10 @@ def test_config_reader_on_wrong_values(seeds, work, d):
 
 
 @FUZZ
-@given(st.data())
-def test_npz_reader(seeds, work, d):
-    (work / "data.npz").write_bytes(d.draw(corrupt(seeds["npz"])))
-    _loads_or_refuses(data.load_dataset, str(work / "data.npz"))
+@given(st.data(), st.sampled_from(["npz", "zip"]))
+def test_npz_and_zip_readers(seeds, work, d, kind):
+    (work / f"data.{kind}").write_bytes(d.draw(corrupt(seeds[kind])))
+    _loads_or_refuses(data.load_dataset, str(work / f"data.{kind}"))
 
 
 @FUZZ
@@ -179,13 +179,6 @@ def test_image_folder_reader(seeds, work, d):
     (folder / "a.png").write_bytes(seeds["png"])
     (folder / "b.png").write_bytes(d.draw(corrupt(seeds["png"])))
     _loads_or_refuses(data.load_image_folder, folder)
-
-
-@FUZZ
-@given(st.data())
-def test_zip_reader(seeds, work, d):
-    (work / "data.zip").write_bytes(d.draw(corrupt(seeds["zip"])))
-    _loads_or_refuses(data.load_dataset, str(work / "data.zip"))
 
 
 @FUZZ
