@@ -1,6 +1,7 @@
 """ECT against the alternatives on Fashion-MNIST, in one run on this machine (issue #3).
 
-    .venv/bin/python benchmarks/ect_benchmark.py                       # the defaults used for the README
+    .venv/bin/python benchmarks/ect_benchmark.py --n 1000 --n-search 500 --budgets 100,200,400 \
+        --inception-n 200 --teacher2 ""                              # the run in the README (2026-11-26)
     .venv/bin/python benchmarks/ect_benchmark.py --n 10000             # the issue's sample count (hours on CPU)
 
 1. Quality vs NFE: the teacher with EDM Heun and DPM-Solver++(2M) at NFE 1–35 against ECT 1 and 2 steps,
@@ -119,25 +120,18 @@ def iteration_cost(teacher: str, batch: int, iters: int = 8) -> dict:
     from dataclasses import replace
 
     from ectune.config import preset
-    from ectune.data import BatchSampler
-    from ectune.ema import EMA
-    from ectune.training import TrainState, _accumulate, make_optimizer
+    from ectune.training import iteration, new_state, update
     D, t_cfg = load_denoiser(teacher)
     out = {}
     for method in ("edm", "ect"):
         cfg = replace(preset("fmnist", "pretrain" if method == "edm" else "tune"), batch=batch, net=t_cfg.net)
-        D.train()
         images = torch.randint(0, 256, (4 * batch, *SHAPE), dtype=torch.uint8)
-        s = TrainState(D=D, ema=EMA(D), opt=make_optimizer(cfg, D.parameters()),
-                       sampler=BatchSampler(len(images), batch, 0), gen=torch.Generator().manual_seed(0), model=D)
+        s = new_state(cfg, D, len(images), torch.device("cpu"))
         times = []
-        for i in range(iters + 2):
+        for _ in range(iters + 2):
             t0 = time.perf_counter()
-            idx = s.sampler.next_batch()
-            s.opt.zero_grad(set_to_none=True)
-            _accumulate(cfg, s, images, None, idx, None)
-            s.opt.step()
-            s.ema.update(D, i + 1)
+            iteration(cfg, s, images, None, None)
+            update(cfg, s)
             times.append(time.perf_counter() - t0)
         out[method] = float(np.median(times[2:]))
     return {"edm_seconds_per_iter": out["edm"], "ect_seconds_per_iter": out["ect"],

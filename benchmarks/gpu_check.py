@@ -21,44 +21,23 @@ import torch
 
 from ectune import __version__
 from ectune.config import preset
-from ectune.data import BatchSampler
-from ectune.ema import EMA
 from ectune.models import build_denoiser, resolve_device
-from ectune.training import (
-    TrainState,
-    _accumulate,
-    autocast_dtype,
-    batch_loss,
-    draw,
-    make_optimizer,
-)
+from ectune.training import autocast_dtype, batch_loss, draw, iteration, new_state, update, wrap_model
 
 
 def measure(cfg, device, seconds: float, warmup: int) -> dict:
     """Images/s of full ECT iterations (draw, forward + target, backward, step, EMA) for `cfg`."""
     torch.manual_seed(0)
-    D = build_denoiser(cfg.net).to(device).train()
-    if cfg.engine.channels_last:
-        D = D.to(memory_format=torch.channels_last)
     n, c, r = 4 * cfg.batch, cfg.net.in_channels, cfg.net.img_resolution
     images = torch.randint(0, 256, (n, c, r, r), dtype=torch.uint8, device=device)
     labels = torch.randint(0, max(cfg.net.label_dim, 1), (n,), device=device) if cfg.net.label_dim else None
     amp = autocast_dtype(cfg.engine.precision, device)
-    s = TrainState(D=D, ema=EMA(D, cfg.ema.kind, cfg.ema.sigma_rel, cfg.ema.beta),
-                   opt=make_optimizer(cfg, D.parameters()), sampler=BatchSampler(n, cfg.batch, 0),
-                   gen=torch.Generator(device=device).manual_seed(0), model=D)
-    if cfg.engine.compile:
-        import torch._inductor.config as inductor_config
-        inductor_config.fallback_random = True
-        s.model = torch.compile(D)
+    s = new_state(cfg, build_denoiser(cfg.net), n, device)
+    s.model = wrap_model(cfg, s.D, device)
 
     def step():
-        idx = s.sampler.next_batch().to(device)
-        s.opt.zero_grad(set_to_none=True)
-        _accumulate(cfg, s, images, labels, idx, amp)
-        s.opt.step()
-        s.step += 1
-        s.ema.update(s.D, s.step)
+        iteration(cfg, s, images, labels, amp)
+        update(cfg, s)
 
     t0 = time.perf_counter()
     for _ in range(warmup):

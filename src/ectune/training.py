@@ -211,20 +211,11 @@ def train(cfg: RunConfig, run_dir: Path, ds: ImageDataset, D: torch.nn.Module, *
     is split across processes (and into `engine.micro_batch` chunks), gradients are averaged by DDP,
     and rank 0 alone writes logs, grids and checkpoints.
     """
-    run_dir, world, rank = Path(run_dir), distributed.world_size(), distributed.rank()
-    eng = cfg.engine
-    amp_dtype = autocast_dtype(eng.precision, device)
+    run_dir, rank = Path(run_dir), distributed.rank()
+    amp_dtype = autocast_dtype(cfg.engine.precision, device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = eng.tf32
-    D = D.to(device).train()
-    if eng.channels_last:
-        D = D.to(memory_format=torch.channels_last)
-    s = TrainState(D=D, ema=EMA(D, cfg.ema.kind, cfg.ema.sigma_rel, cfg.ema.beta),
-                   opt=make_optimizer(cfg, D.parameters()),
-                   sampler=BatchSampler(len(ds), cfg.batch, cfg.seed, rank=rank, world_size=world),
-                   gen=torch.Generator(device=device).manual_seed(cfg.seed),
-                   teacher=None if teacher is None else teacher.to(device).eval().requires_grad_(False),
-                   scaler=torch.amp.GradScaler(device.type, init_scale=2.0**12) if amp_dtype == torch.float16 else None)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.engine.tf32
+    s = new_state(cfg, D, len(ds), device, teacher=teacher)
     torch.manual_seed(cfg.seed + rank)                      # dropout streams differ between ranks
     ckpts = ckpt.list_checkpoints(run_dir)
     if ckpts:
@@ -232,20 +223,44 @@ def train(cfg: RunConfig, run_dir: Path, ds: ImageDataset, D: torch.nn.Module, *
             restore(ckpts[-1], s)
     if distributed.is_main():
         ckpt.trim_log(run_dir, s.step)                      # what was logged after that checkpoint is redone
-    s.model = D
-    if world > 1:
-        s.model = torch.nn.parallel.DistributedDataParallel(
-            D, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    if eng.compile:
-        import torch._inductor.config as inductor_config
-        inductor_config.fallback_random = True              # dropout masks must replay exactly (ECT §4.5)
-        s.model = torch.compile(s.model)
+    s.model = wrap_model(cfg, s.D, device)
     with _stop_on_signal(s):
         _loop(cfg, run_dir, ds, s, device, progress and distributed.is_main(), amp_dtype)
     latest = distributed.on_main(lambda: [p.name for p in ckpt.list_checkpoints(run_dir)][-1:])
     if latest != [f"{s.step:08d}"]:                         # stopped by a signal, or the last steps were skipped
         save(run_dir, cfg, s)
     return s
+
+
+def new_state(cfg: RunConfig, D: torch.nn.Module, n_items: int, device: torch.device, *,
+              teacher: torch.nn.Module | None = None) -> TrainState:
+    """A fresh TrainState: D on `device` in train mode (channels_last if asked), its EMA, the optimizer,
+    this rank's batch sampler over `n_items`, the noise generator, CD's frozen teacher, and an fp16
+    loss scaler when engine.precision is fp16. `model` is D itself until `wrap_model`."""
+    D = D.to(device).train()
+    if cfg.engine.channels_last:
+        D = D.to(memory_format=torch.channels_last)
+    fp16 = autocast_dtype(cfg.engine.precision, device) == torch.float16
+    return TrainState(D=D, ema=EMA(D, cfg.ema.kind, cfg.ema.sigma_rel, cfg.ema.beta),
+                      opt=make_optimizer(cfg, D.parameters()),
+                      sampler=BatchSampler(n_items, cfg.batch, cfg.seed, rank=distributed.rank(),
+                                           world_size=distributed.world_size()),
+                      gen=torch.Generator(device=device).manual_seed(cfg.seed), model=D,
+                      teacher=None if teacher is None else teacher.to(device).eval().requires_grad_(False),
+                      scaler=torch.amp.GradScaler(device.type, init_scale=2.0**12) if fp16 else None)
+
+
+def wrap_model(cfg: RunConfig, D: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """What the loss calls: D, in DDP under torchrun, then torch.compile'd if engine.compile."""
+    model = D
+    if distributed.world_size() > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            D, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    if cfg.engine.compile:
+        import torch._inductor.config as inductor_config
+        inductor_config.fallback_random = True              # dropout masks must replay exactly (ECT §4.5)
+        model = torch.compile(model)
+    return model
 
 
 @contextlib.contextmanager
@@ -305,19 +320,11 @@ def _loop(cfg, run_dir, ds, s: TrainState, device, progress, amp_dtype):
     log = open(run_dir / "log.jsonl", "a") if main else None     # noqa: SIM115 (closed in finally)
     try:
         while s.step < cfg.steps and not stop:        # `stop` is agreed by all ranks, s.stop_requested is local
-            idx = s.sampler.next_batch().to(device)
-            s.opt.zero_grad(set_to_none=True)
-            loss_sum, info = _accumulate(cfg, s, images, labels, idx, amp_dtype)
-            if s.scaler is not None:
-                s.scaler.unscale_(s.opt)
-            # One all-reduce gives every rank the global loss and any rank's stop request.
-            stats = distributed.all_reduce_sum(torch.stack([loss_sum.float(), torch.tensor(
-                float(s.stop_requested), device=device)]))
-            loss, stop = stats[0] / cfg.batch, bool(stats[1] > 0)
+            loss, info, stop = iteration(cfg, s, images, labels, amp_dtype)
             finite = bool(torch.isfinite(loss)) and grads_finite(params)
             bad_run = 0 if finite else bad_run + 1
             if finite:
-                _update(cfg, s)
+                update(cfg, s)
             else:                                          # skipped: counted, and stopped after a run of them
                 s.nonfinite_total += 1
                 if s.scaler is not None:
@@ -343,7 +350,21 @@ def _loop(cfg, run_dir, ds, s: TrainState, device, progress, amp_dtype):
         bar.close()
 
 
-def _update(cfg, s: TrainState) -> None:
+def iteration(cfg, s: TrainState, images, labels, amp_dtype) -> tuple[torch.Tensor, dict, bool]:
+    """Forward and backward of the next global batch (gradients unscaled under fp16), then one
+    all-reduce that gives every rank the global mean loss and any rank's stop request.
+    Returns (loss, what to log, stop agreed); taking the step is `update`'s job."""
+    idx = s.sampler.next_batch().to(images.device)
+    s.opt.zero_grad(set_to_none=True)
+    loss_sum, info = _accumulate(cfg, s, images, labels, idx, amp_dtype)
+    if s.scaler is not None:
+        s.scaler.unscale_(s.opt)
+    stats = distributed.all_reduce_sum(torch.stack([loss_sum.float(), torch.tensor(
+        float(s.stop_requested), device=images.device)]))
+    return stats[0] / cfg.batch, info, bool(stats[1] > 0)
+
+
+def update(cfg, s: TrainState) -> None:
     """Optimizer step at this iteration's learning rate, then the EMA; advances s.step."""
     for g in s.opt.param_groups:
         g["lr"] = lr_at(cfg, s.step)
