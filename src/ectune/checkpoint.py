@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from .atomic import atomic_file, fsync_path
 from .config import RunConfig
 from .errors import EctuneError
 
@@ -61,7 +62,7 @@ def save_checkpoint(run_dir: Path, step: int, cfg: RunConfig, tensors: dict[str,
         save_file(cpu, tmp / "model.safetensors", metadata=meta)
         _write_train_state(tmp / "train_state.pt", train_state)
         for p in [*tmp.iterdir(), tmp]:
-            _fsync(p)
+            fsync_path(p)
         _publish(tmp, final)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -89,7 +90,7 @@ def _publish(tmp: Path, final: Path) -> None:
     if final.exists():
         os.replace(final, aside)
     os.replace(tmp, final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
     shutil.rmtree(aside, ignore_errors=True)
 
 
@@ -99,15 +100,6 @@ def _remove_partial(root: Path) -> None:
         if p.name.startswith(_PARTIAL):
             shutil.rmtree(p, ignore_errors=True)
 
-
-def _fsync(path: Path) -> None:
-    if os.name == "nt" and path.is_dir():   # Windows cannot open a folder; its renames are durable anyway
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def resolve_weights(path: str | Path) -> Path:
@@ -179,9 +171,8 @@ def trim_log(run_dir: Path, step: int) -> None:
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
     keep = [line for line in lines if _log_step(line) <= step and line.endswith("\n")]
     if keep != lines:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(keep), encoding="utf-8")
-        os.replace(tmp, path)
+        with atomic_file(path) as f:
+            f.write("".join(keep).encode("utf-8"))
 
 
 def _log_step(line: str) -> float:

@@ -9,13 +9,13 @@ evaluation never uses — and `store_mid_times` writes the best ones into the ch
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from .atomic import atomic_file
 from .checkpoint import read_weights, resolve_weights
 from .errors import EctuneError
 from .sampling import sample_images
@@ -101,11 +101,9 @@ def store_mid_times(ckpt, mid_ts: Sequence[float]) -> Path:
     by_steps = {**(by_steps if isinstance(by_steps, dict) else {}), str(len(mid) + 1): mid}
     meta["config"] = cfg.to_json()
     meta["mid_ts_by_steps"] = json.dumps(by_steps)
-    tmp = f.with_name(f.name + ".tmp")
     try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, f)
+        with atomic_file(f) as out:
+            out.write(save(tensors, metadata=meta))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise EctuneError(f"cannot rewrite {f} ({e}); check permissions and free space") from None
     return f

@@ -18,10 +18,8 @@ its batch, and only float rounding differs between CPU and GPU.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .atomic import atomic_file
 from .checkpoint import resolve_weights
 from .errors import EctuneError
 from .images import to_uint8
@@ -161,7 +160,7 @@ def _open_parts(parts: Path, manifest: dict) -> Path:
         raise EctuneError(f"{parts} exists but holds no synth manifest; delete it or choose another --out")
     else:
         parts.mkdir(parents=True, exist_ok=True)
-        with _atomic(mf) as f:
+        with atomic_file(mf) as f:
             f.write(json.dumps(manifest, indent=1).encode())
     for stale in parts.glob(".*.tmp"):          # left by a run that was killed while writing
         stale.unlink(missing_ok=True)
@@ -261,25 +260,5 @@ def _merge(out: Path, parts: Path, manifest: dict) -> None:
 
 
 def _write_npz(path: Path, **arrays: np.ndarray) -> None:
-    with _atomic(path) as f:
+    with atomic_file(path) as f:
         np.savez(f, **arrays)
-
-
-@contextlib.contextmanager
-def _atomic(path: Path):
-    """A file to write, kept as a temporary beside `path` and renamed to `path` (after fsync) on success."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -15,12 +15,12 @@ checkpoints do; ``NAME.json`` beside it repeats the metadata for people and tool
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from ..atomic import atomic_file
 from ..checkpoint import load_state_checked, read_weights, resolve_weights, split_prefix
 from ..config import RunConfig
 from ..errors import EctuneError
@@ -39,14 +39,10 @@ def write_model_file(out: str | Path, cfg: RunConfig, tensors: dict[str, torch.T
                "tensors": len(tensors), "params": sum(t.numel() for t in tensors.values())}
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        for path, write in ((out, lambda p: save_file(tensors, p, metadata=metadata)),
-                            (out.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(sidecar, indent=1)))):
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            try:
-                write(str(tmp))
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+        with atomic_file(out) as f:
+            f.write(save(tensors, metadata=metadata))
+        with atomic_file(out.with_suffix(".json")) as f:
+            f.write(json.dumps(sidecar, indent=1).encode())
     except OSError as e:
         raise EctuneError(f"cannot write {out}: {e}; choose a writable --out") from None
     return out

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ectune.atomic import atomic_file
 from ectune.errors import EctuneError
 from ectune.metrics.classifier import FEATURES_VERSION, FMNISTClassifier, classifier_hash, load_classifier
 from ectune.metrics.frechet import FeatureStats, frechet_distance
@@ -76,13 +75,8 @@ def default_stats_dir() -> Path:
 def _save_npz(path: Path, **arrays) -> None:
     """Write an .npz atomically (temp file in the same folder, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_file(path) as f:
+        np.savez(f, **arrays)
 
 
 def _read_cache(path: Path, clf_hash: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
