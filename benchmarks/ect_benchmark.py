@@ -42,6 +42,8 @@ from ectune.sampling import sample_images
 SHAPE = (1, 28, 28)
 HEUN_LEVELS = (1, 2, 3, 5, 9, 18)                # NFE 2N − 1: 1, 3, 5, 9, 17, 35
 DPM_NFE = (1, 2, 3, 5, 9, 17, 35)
+MID_GRID = (0.2, 10.0, 11)                       # candidate mid times, log-spaced (lo, hi, count)
+BATCH = 128                                      # sampling batch: faster on CPU than larger ones
 
 
 class Cache:
@@ -68,7 +70,7 @@ class Cache:
 
 def score_row(D, seeds, ref, *, label: str, **sampler) -> dict:
     t0 = time.perf_counter()
-    x = sample_images(D, seeds, SHAPE, batch=500, **sampler)
+    x = sample_images(D, seeds, SHAPE, batch=BATCH, **sampler)
     sec = (time.perf_counter() - t0) / len(seeds)
     return {"label": label, **score_samples(x, ref), "seconds_per_image": sec, "n": len(seeds),
             "sampler": {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in sampler.items()}}
@@ -103,14 +105,15 @@ def consistency_rows(cache, run: Path, name: str, seeds, ref, n_search: int) -> 
     held_ref = ref
 
     def search():
-        best, tried = search_mid_times(D, SHAPE, lambda x: fd_only(x, held_ref),
-                                       candidates=candidate_grid(0.2, 5.0, 9), seeds=search_seeds)
+        best, tried = search_mid_times(D, SHAPE, lambda x: fd_only(x, held_ref), batch=BATCH,
+                                       candidates=candidate_grid(*MID_GRID), seeds=search_seeds)
         return {"mid_ts": best, "tried": tried}
-    mid = cache.get(f"{name}-midt", search)["mid_ts"]
+    grid = "-".join(f"{v:g}" for v in MID_GRID)
+    mid = cache.get(f"{name}-midt-{n_search}-grid{grid}", search)["mid_ts"]
     store_mid_times(run, mid)
     one = cache.get(f"{name}-1step", lambda: score_row(D, seeds, ref, label=f"{name} 1 step", ts=[80.0]))
-    two = cache.get(f"{name}-2step", lambda: score_row(D, seeds, ref, label=f"{name} 2 steps (mid {mid[0]:.3g})",
-                                                      ts=[80.0, *mid]))
+    two = cache.get(f"{name}-2step-mid{mid[0]:.4g}", lambda: score_row(
+        D, seeds, ref, label=f"{name} 2 steps (mid {mid[0]:.3g})", ts=[80.0, *mid]))
     return {"1step": one, "2step": two, "mid_ts": mid, "train_seconds": train_seconds(run),
             "images": cfg.steps * cfg.batch}
 
@@ -179,7 +182,11 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000, help="samples per row (the issue asks 10,000)")
     ap.add_argument("--n-search", type=int, default=500, help="held-out samples per mid-time candidate")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--budgets", default="100,200,400", help="tuning steps; the largest is the method comparison")
+    ap.add_argument("--budgets", default="100,200,400,3000",
+                    help="ECT tuning steps (scaling); the largest gives the headline numbers")
+    ap.add_argument("--compare", type=int, default=400, help="tuning steps of the ECT / iCT / CD comparison")
+    ap.add_argument("--widths", default="w16", help="the widths of --budgets beyond --compare (w8 runs only "
+                    "the budgets up to --compare unless listed here)")
     ap.add_argument("--teacher", default=str(shipped_teacher()))
     ap.add_argument("--teacher-images", type=int, default=3_840_000, help="the teacher's pretraining images")
     ap.add_argument("--teacher2", default="runs/teacher-w8", help="a teacher of another width (scaling)")
@@ -191,7 +198,10 @@ def main() -> None:
     ref = reference()
     seeds = list(range(args.n))
     budgets = sorted(int(b) for b in args.budgets.split(","))
-    big = budgets[-1]
+    big, cmp_ = budgets[-1], args.compare
+    if cmp_ not in budgets:
+        raise SystemExit(f"--compare {cmp_} must be one of --budgets {budgets}")
+    long_widths = set(args.widths.split(","))
     tag = f"n{args.n}"
 
     # 1. Quality vs NFE of the teacher.
@@ -211,14 +221,15 @@ def main() -> None:
     teachers = {"w16": args.teacher}
     if args.teacher2 and Path(args.teacher2).exists():
         teachers["w8"] = args.teacher2
+    widths_budgets = {w: [b for b in budgets if b <= cmp_ or w in long_widths] for w in teachers}
     for width, teacher in teachers.items():
-        for steps in budgets:
+        for steps in widths_budgets[width]:
             name = f"ect-{width}-{steps}"
             run = tune(runs, name, teacher, "ect", steps, args.batch)
             models[name] = consistency_rows(cache, run, f"{tag}-{name}", seeds, ref, args.n_search)
     for method in ("ict", "cd"):
-        name = f"{method}-w16-{big}"
-        run = tune(runs, name, args.teacher, method, big, args.batch)
+        name = f"{method}-w16-{cmp_}"
+        run = tune(runs, name, args.teacher, method, cmp_, args.batch)
         models[name] = consistency_rows(cache, run, f"{tag}-{name}", seeds, ref, args.n_search)
 
     # 3. Cost.
@@ -226,12 +237,12 @@ def main() -> None:
     heun35 = next(r for r in diffusion if r["family"] == "heun" and r["nfe"] == 35)
     ect = models[f"ect-w16-{big}"]
     E, _ = load_denoiser(runs / f"ect-w16-{big}")
-    speed = cache.get("throughput", lambda: throughput(T, E, ect["mid_ts"]))
+    speed = cache.get(f"throughput-{big}", lambda: throughput(T, E, ect["mid_ts"]))
 
     # Inception FID on two rows (slow on CPU: ~8 images/s).
     inc = {}
     if args.inception_n > 0:
-        inc["ect_2step"] = cache.get(f"inception{args.inception_n}-ect-2step", lambda: inception_row(
+        inc["ect_2step"] = cache.get(f"inception{args.inception_n}-ect-{big}-2step", lambda: inception_row(
             E, args.inception_n, "ECT 2 steps", ts=[80.0, *ect["mid_ts"]]))
         inc["teacher_heun35"] = cache.get(f"inception{args.inception_n}-teacher-heun35", lambda: inception_row(
             T, args.inception_n, "teacher Heun 35 NFE", sampler="heun", heun_steps=18))
@@ -240,8 +251,9 @@ def main() -> None:
     scaling = {}
     for width in teachers:
         pts = [(models[f"ect-{width}-{b}"]["images"], models[f"ect-{width}-{b}"]["2step"]["fd"],
-                models[f"ect-{width}-{b}"]["1step"]["fd"]) for b in budgets]
-        scaling[width] = {"images": [p[0] for p in pts], "fd_2step": [p[1] for p in pts], "fd_1step": [p[2] for p in pts],
+                models[f"ect-{width}-{b}"]["1step"]["fd"]) for b in widths_budgets[width]]
+        scaling[width] = {"images": [p[0] for p in pts], "fd_2step": [p[1] for p in pts],
+                          "fd_1step": [p[2] for p in pts],
                           "fit_2step": fit_power_law([p[0] for p in pts], [p[1] for p in pts]),
                           "fit_1step": fit_power_law([p[0] for p in pts], [p[2] for p in pts])}
 
@@ -250,12 +262,15 @@ def main() -> None:
         "ect_1step_fd": ect["1step"]["fd"],
         "ect_2step_fd": ect["2step"]["fd"],
         "best_diffusion_fd_nfe_le5": min(r["fd"] for r in diffusion if r["nfe"] <= 5),
-        "ict_2step_fd_equal_budget": models[f"ict-w16-{big}"]["2step"]["fd"],
-        "cd_2step_fd_equal_budget": models[f"cd-w16-{big}"]["2step"]["fd"],
+        "ict_2step_fd_equal_budget": models[f"ict-w16-{cmp_}"]["2step"]["fd"],
+        "cd_2step_fd_equal_budget": models[f"cd-w16-{cmp_}"]["2step"]["fd"],
+        "ect_2step_fd_equal_budget": models[f"ect-w16-{cmp_}"]["2step"]["fd"],
+        "equal_budget_images": cmp_ * args.batch,
         "tune_images_over_pretrain_images": ect["images"] / args.teacher_images,
         "ect_iter_over_edm_iter": cost["ratio"],
         "onestep_speedup_vs_heun35": speed["onestep_speedup_vs_heun35"],
-        "cd_train_seconds_over_ect": models[f"cd-w16-{big}"]["train_seconds"] / ect["train_seconds"],
+        "cd_train_seconds_over_ect": (models[f"cd-w16-{cmp_}"]["train_seconds"]
+                                      / models[f"ect-w16-{cmp_}"]["train_seconds"]),
         "ect_2step_fd_power_law_exponent": scaling["w16"]["fit_2step"][1],
         "metric": "FD in ectune's Fashion-MNIST classifier features vs the 10k test images (floor 0.73)",
         "samples_per_row": args.n,
@@ -270,7 +285,7 @@ def main() -> None:
                                                   "inception": inc, "scaling": scaling}, indent=1))
     Path("benchmarks/results/summary.json").write_text(json.dumps(summary, indent=1))
     write_table(out / "table.md", diffusion, models, summary, budgets)
-    plot(out, diffusion, models, scaling, big)
+    plot(out, diffusion, models, scaling, big, cmp_)
     print(json.dumps(summary, indent=1))
 
 
@@ -289,7 +304,7 @@ def write_table(path: Path, diffusion, models, summary, budgets) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(out: Path, diffusion, models, scaling, big) -> None:
+def plot(out: Path, diffusion, models, scaling, big, cmp_) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -297,7 +312,8 @@ def plot(out: Path, diffusion, models, scaling, big) -> None:
     for fam, style in (("heun", "o-"), ("dpmpp2m", "s-")):
         rows = sorted((r for r in diffusion if r["family"] == fam), key=lambda r: r["nfe"])
         ax[0].plot([r["nfe"] for r in rows], [r["fd"] for r in rows], style, label=f"teacher {fam}")
-    for name, marker in ((f"ect-w16-{big}", "*"), (f"cd-w16-{big}", "^"), (f"ict-w16-{big}", "v")):
+    for name, marker in ((f"ect-w16-{big}", "*"), (f"ect-w16-{cmp_}", "P"), (f"cd-w16-{cmp_}", "^"),
+                         (f"ict-w16-{cmp_}", "v")):
         m = models[name]
         ax[0].plot([1, 2], [m["1step"]["fd"], m["2step"]["fd"]], marker, ms=12, label=name)
     ax[0].set(xscale="log", yscale="log", xlabel="NFE", ylabel="classifier FD", title="quality vs NFE")

@@ -91,6 +91,21 @@ def test_synth_is_deterministic_and_sample_i_is_seed_i_alone(teacher, full, tmp_
     assert np.array_equal(arrays(one)["images"][0], full["images"][3])
 
 
+def test_dpmpp2m_synth_matches_sample_for_the_same_seed(teacher, tmp_path):
+    out = tmp_path / "dpm.npz"
+    assert synth(teacher, out, "--sampler", "dpmpp2m", "--nfe", "3") == 0
+    got = arrays(out)
+    manifest = json.loads(str(got["manifest"]))
+    assert (manifest["sampler"], manifest["nfe"], manifest["num_steps"]) == ("dpmpp2m", 3, None)
+    one = tmp_path / "one.npz"
+    assert main(["sample", "--ckpt", str(teacher), "--sampler", "dpmpp2m", "--nfe", "3", "--n", "1",
+                 "--seed", "5", "--out", str(one)]) == 0
+    assert np.array_equal(arrays(one)["images"][0], got["images"][2])
+    heun = tmp_path / "heun.npz"                                          # the NFE is a setting: a Heun file differs
+    assert synth(teacher, heun) == 0
+    assert not np.array_equal(arrays(heun)["images"], got["images"])
+
+
 def test_interrupted_synth_resumes_to_the_same_arrays(teacher, full, tmp_path, monkeypatch, capsys):
     out = tmp_path / "cut.npz"
     interrupt_at_call(monkeypatch, 2)                                     # during the second shard

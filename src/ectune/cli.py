@@ -233,10 +233,12 @@ def cmd_synth(args) -> None:
     from .models import resolve_device
     from .synth import synthesize
     r = synthesize(args.teacher, args.out, n=args.n, sampler=args.sampler, num_steps=args.num_steps,
-                   steps=args.steps, ts=args.ts, seed=args.seed, shard_size=args.shard_size, batch=args.batch,
-                   weights=args.weights, device=resolve_device(args.device), progress=not args.no_progress)
+                   nfe=args.nfe, steps=args.steps, ts=args.ts, seed=args.seed, shard_size=args.shard_size,
+                   batch=args.batch, weights=args.weights, device=resolve_device(args.device),
+                   progress=not args.no_progress)
     m = r.manifest
-    what = f"heun {m['num_steps']} steps" if m["sampler"] == "heun" else f"consistency ts={m['ts']}"
+    what = {"heun": f"heun {m['num_steps']} steps", "dpmpp2m": f"DPM-Solver++(2M) {m['nfe']} NFE",
+            "consistency": f"consistency ts={m['ts']}"}[m["sampler"]]
     if r.repaired:
         print(f"remade corrupt shard(s) {', '.join(r.repaired)}", file=sys.stderr)
     done = "already complete" if r.was_complete else f"{r.generated} sampled now, {r.reused} shard(s) reused"
@@ -424,8 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, required=True, help="number of samples; sample i uses seed --seed+i")
     p.add_argument("--out", required=True, help="FILE.npz (uint8 NxCxHxW images, seeds, labels if conditional, "
                    "manifest); shards go to FILE.npz.parts/ until done; run the same command to resume")
-    p.add_argument("--sampler", choices=["heun", "consistency"], help="default: heun for a pretrain run")
+    p.add_argument("--sampler", choices=["heun", "dpmpp2m", "consistency"],
+                   help="default: heun for a pretrain run, consistency for a tune run")
     p.add_argument("--num-steps", type=int, default=18, help="Heun noise levels N (NFE = 2N-1)")
+    p.add_argument("--nfe", type=int, default=35, help="DPM-Solver++(2M) network evaluations")
     p.add_argument("--steps", type=int, default=1, help="consistency sampler steps (tuned models)")
     p.add_argument("--ts", type=float, nargs="+", help="explicit consistency times, e.g. 80 1.5")
     p.add_argument("--seed", type=int, default=0, help="first seed")

@@ -53,16 +53,17 @@ class SynthResult:
     was_complete: bool = False                          # `out` was already finished with these settings
 
 
-def synthesize(teacher, out, *, n: int, sampler: str | None = None, num_steps: int = 18,
+def synthesize(teacher, out, *, n: int, sampler: str | None = None, num_steps: int = 18, nfe: int = 35,
                steps: int = 1, ts: Sequence[float] | None = None, seed: int = 0, shard_size: int = 1000,
                batch: int = 256, weights: str = "ema", device="cpu", progress: bool = True) -> SynthResult:
     """Sample `n` images from `teacher` into the .npz `out`, resuming an interrupted call (see module doc).
 
-    sampler: "heun" (`num_steps` noise levels, NFE 2N − 1) or "consistency" (times `ts`, else the
-    run's default times for `steps` steps); None picks heun for a pretrain run, consistency for a tune run.
+    sampler: "heun" (`num_steps` noise levels, NFE 2N − 1), "dpmpp2m" (DPM-Solver++(2M), `nfe` network
+    evaluations) or "consistency" (times `ts`, else the run's default times for `steps` steps); None picks
+    heun for a pretrain run, consistency for a tune run.
     """
     out = Path(out)
-    _check_args(out, n, shard_size, batch, num_steps, steps)
+    _check_args(out, n, shard_size, batch, num_steps, steps, nfe)
     weights_file = resolve_weights(teacher)
     D, cfg = load_denoiser(weights_file, which=weights, device=device)
     sampler = sampler or ("heun" if cfg.kind == "pretrain" else "consistency")
@@ -70,13 +71,14 @@ def synthesize(teacher, out, *, n: int, sampler: str | None = None, num_steps: i
         ts = [float(t) for t in ts] if ts else default_consistency_times(steps, cfg.sample.mid_ts, cfg.sample.t_max)
         if any(a <= b for a, b in pairwise(ts)) or ts[-1] <= 0:
             raise EctuneError(f"--ts must be positive and strictly decreasing, got {ts}")
-    elif sampler != "heun":
-        raise EctuneError(f"unknown sampler {sampler!r}; use heun or consistency")
+    elif sampler not in ("heun", "dpmpp2m"):
+        raise EctuneError(f"unknown sampler {sampler!r}; use heun, dpmpp2m or consistency")
     shape = (cfg.net.in_channels, cfg.net.img_resolution, cfg.net.img_resolution)
     manifest = _normalised({
         "format": FORMAT, "ectune_version": __version__, "teacher": str(teacher),
         "teacher_sha256": sha256_file(weights_file), "weights": weights, "sampler": sampler,
-        "num_steps": num_steps if sampler == "heun" else None, "ts": ts if sampler == "consistency" else None,
+        "num_steps": num_steps if sampler == "heun" else None, "nfe": nfe if sampler == "dpmpp2m" else None,
+        "ts": ts if sampler == "consistency" else None,
         "seed": seed, "n": n, "shard_size": shard_size, "shape": shape, "label_dim": cfg.net.label_dim})
     result = SynthResult(out, manifest)
     if _already_done(out, manifest):
@@ -110,12 +112,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_args(out: Path, n: int, shard_size: int, batch: int, num_steps: int, steps: int) -> None:
+def _check_args(out: Path, n: int, shard_size: int, batch: int, num_steps: int, steps: int, nfe: int) -> None:
     if out.suffix.lower() != ".npz":
         raise EctuneError(f"--out must be an .npz file, got {out}")
-    if min(n, shard_size, batch, num_steps, steps) < 1:
-        raise EctuneError(f"--n, --shard-size, --batch, --num-steps and --steps must be positive, got "
-                          f"{n}, {shard_size}, {batch}, {num_steps}, {steps}")
+    if min(n, shard_size, batch, num_steps, steps, nfe) < 1:
+        raise EctuneError(f"--n, --shard-size, --batch, --num-steps, --steps and --nfe must be positive, got "
+                          f"{n}, {shard_size}, {batch}, {num_steps}, {steps}, {nfe}")
 
 
 def _normalised(manifest: dict) -> dict:
@@ -213,8 +215,9 @@ def _generate(D, parts: Path, manifest: dict, todo: list[int], batch: int, devic
     """Sample the shards `todo` in order, each written atomically when complete."""
     n_shards = len(_shard_ranges(manifest["n"], manifest["shard_size"]))
     done = manifest["n"] - sum(len(_expected(manifest, i)[0]) for i in todo)
-    heun = manifest["sampler"] == "heun"
-    spec = {"sampler": "heun", "heun_steps": manifest["num_steps"]} if heun else {"ts": manifest["ts"]}
+    spec = {"heun": {"sampler": "heun", "heun_steps": manifest["num_steps"]},
+            "dpmpp2m": {"sampler": "dpmpp2m", "dpm_nfe": manifest["nfe"]},
+            "consistency": {"ts": manifest["ts"]}}[manifest["sampler"]]
     bar = tqdm(total=manifest["n"], initial=done, disable=not progress, unit="img", dynamic_ncols=True)
     written = 0
     try:
