@@ -92,6 +92,19 @@ def test_resume_continues_a_run(runs, npz_data, tmp_path):
     assert log[-1]["step"] == 6 and list_checkpoints(tmp_path / "t")[-1].name == "00000006"
 
 
+def test_cd_resumes_only_with_its_own_teacher(runs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cd"
+    args = ["--method", "cd", "--out", str(out), "--batch", "8", "--set", "ckpt_every=1", "--no-progress"]
+    assert main(["tune", "--teacher", str(runs / "teacher"), "--steps", "1", *args]) == 0
+    monkeypatch.chdir(runs)
+    assert main(["tune", "--teacher", "teacher", "--steps", "2", *args]) == 0    # the same file, relative
+    assert list_checkpoints(out)[-1].name == "00000002"
+    before = sorted(p.name for p in out.rglob("*"))
+    assert main(["tune", "--teacher", "ect", "--steps", "3", *args]) == 2        # another teacher
+    assert "differs in ['teacher']" in capsys.readouterr().err
+    assert sorted(p.name for p in out.rglob("*")) == before
+
+
 def test_interrupted_and_resumed_run_matches_uninterrupted(npz_data, tmp_path, monkeypatch):
     import ectune.training as training
     common = ["pretrain", "--preset", "tiny", "--data", npz_data, "--steps", "6", "--set", "ckpt_every=100",

@@ -72,6 +72,8 @@ def _prepare_run(cfg: RunConfig, out: Path, resume: str = "auto") -> RunConfig:
             raise EctuneError(f"{e}; choose another --out") from None
         a, b = dataclasses.asdict(old), dataclasses.asdict(cfg)
         diff = sorted(k for k in a if k not in _RESUMABLE and a[k] != b[k])
+        if cfg.loss.method == "cd" and old.teacher and Path(old.teacher).resolve() != Path(cfg.teacher).resolve():
+            diff.append("teacher")    # CD's target is the teacher's ODE step: another teacher is another run
         if diff:
             raise EctuneError(f"{out} holds a different run (differs in {diff}); choose another --out "
                               "or repeat the original settings to continue it")
