@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ect_benchmark import Cache, consistency_rows, tune  # noqa: E402
 
 from ectune.cli import main as ectune  # noqa: E402
-from ectune.evaluate import reference  # noqa: E402
+from ectune.data import load_dataset  # noqa: E402
+from ectune.evaluate import reference, score_samples  # noqa: E402
 
 
 def reusable(args) -> bool:
@@ -58,26 +59,31 @@ def main() -> None:
     runs.mkdir(parents=True, exist_ok=True)
     cache, ref, seeds = Cache(out), reference(), list(range(args.n))
     sets = {"real": "fashion-mnist", f"subset-{args.subset.replace(',', '')}": f"fashion-mnist[classes={args.subset}]"}
-    for size in sorted(int(s) for s in args.sizes.split(",")):
-        path = runs / f"synth-{size}-{args.synth}{args.nfe}.npz"
-        how = ["--nfe", str(args.nfe)] if args.synth == "dpmpp2m" else ["--num-steps", str((args.nfe + 1) // 2)]
-        if ectune(["synth", "--teacher", args.teacher, "--n", str(size), "--sampler", args.synth, *how,
-                   "--seed", "2000000", "--batch", "128", "--out", str(path), "--no-progress"]) != 0:
-            raise SystemExit(f"synth of {path} failed")
-        sets[f"synth-{size}"] = str(path)
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    sets.update({f"synth-{size}": str(runs / f"synth-{size}-{args.synth}{args.nfe}.npz") for size in sizes})
     rows = {}
-    for name, data in sets.items():
+    for name, data in sets.items():                          # smallest first: results come in early
+        if name.startswith("synth-"):
+            size = name.split("-")[1]
+            how = ["--nfe", str(args.nfe)] if args.synth == "dpmpp2m" else ["--num-steps", str((args.nfe + 1) // 2)]
+            if ectune(["synth", "--teacher", args.teacher, "--n", size, "--sampler", args.synth, *how,
+                       "--seed", "2000000", "--batch", "128", "--out", data, "--no-progress"]) != 0:
+                raise SystemExit(f"synth of {data} failed")
+        # The tuning set's own quality: its first --n images against the test set.
+        own = cache.get(f"n{args.n}-set-{name}", lambda data=data: score_samples(
+            load_dataset(data).images[:args.n].float() / 127.5 - 1, ref))
         if name == "real" and reusable(args):
             run = Path(args.real_run)
         else:
             run = tune(runs, f"ect-{name}-{args.steps}", args.teacher, "ect", args.steps, args.batch, data=data)
-        rows[name] = {"data": data, **consistency_rows(cache, run, f"n{args.n}-{name}-{args.steps}", seeds, ref,
-                                                     args.n_search)}
+        rows[name] = {"data": data, "set_fd": own["fd"], "set_size": len(load_dataset(data)),
+                      **consistency_rows(cache, run, f"n{args.n}-{name}-{args.steps}", seeds, ref, args.n_search)}
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    lines = ["| tuning set | images seen | 1-step FD | 2-step FD (mid) | 2-step precision | 2-step recall |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| tuning set | set size | set's own FD | images seen | 1-step FD | 2-step FD (mid) | 2-step precision "
+             "| 2-step recall |", "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} (`{r['data']}`) | {r['images']:,} | {r['1step']['fd']:.1f} | "
+        lines.append(f"| {name} (`{Path(r['data']).name}`) | {r['set_size']:,} | {r['set_fd']:.1f} | {r['images']:,} | "
+                     f"{r['1step']['fd']:.1f} | "
                      f"{r['2step']['fd']:.1f} ({r['mid_ts'][0]:.3g}) | {r['2step']['precision']:.3f} | "
                      f"{r['2step']['recall']:.3f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
