@@ -221,6 +221,12 @@ def main() -> None:
     teachers = {"w16": args.teacher}
     if args.teacher2 and Path(args.teacher2).exists():
         teachers["w8"] = args.teacher2
+    teacher_rows = {"w16": next(r for r in diffusion if r["family"] == "heun" and r["nfe"] == 35)}
+    if "w8" in teachers:
+        T2, _ = load_denoiser(args.teacher2)
+        teacher_rows["w8"] = cache.get(f"{tag}-teacher2-heun35", lambda: {
+            **score_row(T2, seeds, ref, label="teacher w8 Heun 35 NFE", sampler="heun", heun_steps=18),
+            "nfe": 35, "family": "heun"})
     widths_budgets = {w: [b for b in budgets if b <= cmp_ or w in long_widths] for w in teachers}
     for width, teacher in teachers.items():
         for steps in widths_budgets[width]:
@@ -255,7 +261,8 @@ def main() -> None:
         scaling[width] = {"images": [p[0] for p in pts], "fd_2step": [p[1] for p in pts],
                           "fd_1step": [p[2] for p in pts],
                           "fit_2step": fit_power_law([p[0] for p in pts], [p[1] for p in pts]),
-                          "fit_1step": fit_power_law([p[0] for p in pts], [p[2] for p in pts])}
+                          "fit_1step": fit_power_law([p[0] for p in pts], [p[2] for p in pts]),
+                          "teacher_heun35_fd": teacher_rows[width]["fd"]}
 
     summary = {
         "teacher_heun35_fd": heun35["fd"],
@@ -282,7 +289,8 @@ def main() -> None:
     }
     (out / "results.json").write_text(json.dumps({"diffusion": diffusion, "models": models, "cost": cost,
                                                   "throughput": speed,
-                                                  "inception": inc, "scaling": scaling}, indent=1))
+                                                  "inception": inc, "scaling": scaling,
+                                                  "teachers_heun35": teacher_rows}, indent=1))
     Path("benchmarks/results/summary.json").write_text(json.dumps(summary, indent=1))
     write_table(out / "table.md", diffusion, models, summary, budgets)
     plot(out, diffusion, models, scaling, big, cmp_)
@@ -325,6 +333,8 @@ def plot(out: Path, diffusion, models, scaling, big, cmp_) -> None:
             ax[1].plot(x, sc[key], style, label=f"ECT {width} {key[3:]} (fit ∝ C^{b:.2f})")
             xx = np.geomspace(x.min(), x.max(), 20)
             ax[1].plot(xx, a * xx ** b, "--", color=ax[1].lines[-1].get_color())
+        ax[1].axhline(sc["teacher_heun35_fd"], ls=":", color="gray")
+        ax[1].annotate(f"teacher {width} Heun-35", (x.min(), sc["teacher_heun35_fd"]), fontsize=7, color="gray")
     ax[1].set(xscale="log", yscale="log", xlabel="tuning images", ylabel="classifier FD", title="ECT scaling")
     ax[1].legend(fontsize=8)
     fig.tight_layout()
