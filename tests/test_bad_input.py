@@ -234,6 +234,23 @@ def test_output_folder_of_a_different_run(base, change, expected, tmp_path, caps
     assert _tree(run) == before
 
 
+def test_a_run_folder_in_use_is_refused_until_it_is_free(base, tmp_path, capsys):
+    import fcntl
+    run, args = _resumable(base, tmp_path)
+    fd = os.open(run / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)                     # what a running `ectune` holds
+    before = _tree(run)
+    try:
+        _fails(args, capsys, "is in use by another ectune process", "choose another --out")
+        assert _tree(run) == before
+    finally:
+        os.close(fd)                                                    # that process ends (or is killed)
+    assert main(args) == 0
+    fd = os.open(run / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)                     # free again: the command let go at its end
+    os.close(fd)
+
+
 @pytest.mark.parametrize("make, expected", [
     (lambda out: out.write_text("not a folder"), "is not an ectune run folder"),
     (lambda out: (out.mkdir(), (out / "notes.txt").write_text("mine")), "is not an ectune run folder"),

@@ -20,6 +20,8 @@ from . import __version__, distributed
 from .config import RunConfig, apply_overrides, preset, preset_names, read_config
 from .errors import EctuneError
 
+_LOCKS: list[int] = []     # file descriptors of the run folders this process holds (see _lock_run)
+
 # Fields that may change when a run is continued (budget and cadence), not what it is.
 _RESUMABLE = {"steps", "ckpt_every", "sample_every", "log_every", "keep_ckpts", "max_nonfinite", "teacher", "data",
               "engine"}
@@ -77,15 +79,43 @@ def _prepare_run(cfg: RunConfig, out: Path, resume: str = "auto") -> RunConfig:
         if diff:
             raise EctuneError(f"{out} holds a different run (differs in {diff}); choose another --out "
                               "or repeat the original settings to continue it")
-    elif out.exists() and (not out.is_dir() or any(p != tmp for p in out.iterdir())):  # tmp: a killed first start
-        raise EctuneError(f"{out} exists and is not an ectune run folder; choose another --out")
+    elif out.exists() and (not out.is_dir() or any(p.name not in (tmp.name, LOCK) for p in out.iterdir())):
+        raise EctuneError(f"{out} exists and is not an ectune run folder; choose another --out")   # tmp, LOCK: a
+        # first start that was killed
     try:
         out.mkdir(parents=True, exist_ok=True)
+        _lock_run(out)
         tmp.write_text(cfg.to_json())
         os.replace(tmp, cfg_file)
     except OSError as e:
         raise EctuneError(f"cannot write {cfg_file} ({e}); check the permissions of {out} or free disk space") from None
     return cfg
+
+
+LOCK = ".lock"
+
+
+def _lock_run(out: Path) -> None:
+    """Hold OUT/.lock until this command ends, so that a second process on the same run folder is refused
+    instead of interleaving checkpoints. The OS drops the lock with the process, so a killed run leaves
+    none behind. (Not on Windows, which has no fcntl.)"""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise EctuneError(f"{out} is in use by another ectune process; wait for it to finish or choose "
+                          "another --out") from None
+    _LOCKS.append(fd)
+
+
+def _unlock_runs() -> None:
+    while _LOCKS:
+        os.close(_LOCKS.pop())              # closing the descriptor releases its flock
 
 
 def _load_data(spec: str):
@@ -503,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ectune: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
     finally:
+        _unlock_runs()
         distributed.shutdown()
     return 0
 
