@@ -244,7 +244,7 @@ def main() -> None:
 
     # 3. Cost.
     cost = cache.get("iteration-cost", lambda: iteration_cost(args.teacher, args.batch))
-    heun35 = next(r for r in diffusion if r["family"] == "heun" and r["nfe"] == 35)
+    heun35 = teacher_rows["w16"]
     ect = models[f"ect-w16-{big}"]
     E, _ = load_denoiser(runs / f"ect-w16-{big}")
     speed = cache.get(f"throughput-{big}", lambda: throughput(T, E, ect["mid_ts"]))

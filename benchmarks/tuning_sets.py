@@ -22,13 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import numpy as np  # noqa: E402
-from ect_benchmark import SHAPE, Cache, consistency_rows, tune  # noqa: E402
+from ect_benchmark import Cache, consistency_rows, score_row, tune  # noqa: E402
 
 from ectune.cli import main as ectune  # noqa: E402
 from ectune.data import load_dataset  # noqa: E402
 from ectune.evaluate import reference, score_samples  # noqa: E402
 from ectune.models import load_denoiser  # noqa: E402
-from ectune.sampling import sample_images  # noqa: E402
 
 
 def subset_reference(classes: str):
@@ -68,38 +67,36 @@ def main() -> None:
     out, runs = Path(args.out), Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
     cache, ref, seeds = Cache(out), reference(), list(range(args.n))
-    sets = {"real": "fashion-mnist", f"subset-{args.subset.replace(',', '')}": f"fashion-mnist[classes={args.subset}]"}
-    sizes = sorted(int(s) for s in args.sizes.split(","))
-    sets.update({f"synth-{size}": str(runs / f"synth-{size}-{args.synth}{args.nfe}.npz") for size in sizes})
+    sets = [("real", "fashion-mnist", None),
+            (f"subset-{args.subset.replace(',', '')}", f"fashion-mnist[classes={args.subset}]", None)]
+    sets += [(f"synth-{size}", str(runs / f"synth-{size}-{args.synth}{args.nfe}.npz"), size)
+             for size in sorted(int(s) for s in args.sizes.split(","))]
     rows = {}
-    for name, data in sets.items():                          # smallest first: results come in early
-        if name.startswith("synth-"):
-            size = name.split("-")[1]
+    for name, data, size in sets:                            # smallest first: results come in early
+        if size is not None:
             how = ["--nfe", str(args.nfe)] if args.synth == "dpmpp2m" else ["--num-steps", str((args.nfe + 1) // 2)]
-            if ectune(["synth", "--teacher", args.teacher, "--n", size, "--sampler", args.synth, *how,
+            if ectune(["synth", "--teacher", args.teacher, "--n", str(size), "--sampler", args.synth, *how,
                        "--seed", "2000000", "--batch", "128", "--out", data, "--no-progress"]) != 0:
                 raise SystemExit(f"synth of {data} failed")
-        # The tuning set's own quality: its first --n images against the test set.
-        own = cache.get(f"n{args.n}-set-{name}", lambda data=data: score_samples(
-            load_dataset(data).images[:args.n].float() / 127.5 - 1, ref))
+        ds = load_dataset(data)
+        first = ds.images[:args.n].float() / 127.5 - 1     # the tuning set's own quality: its first --n images
+        own = cache.get(f"n{args.n}-set-{name}", lambda: score_samples(first, ref))
         if name == "real" and reusable(args):
             run = Path(args.real_run)
         else:
             run = tune(runs, f"ect-{name}-{args.steps}", args.teacher, "ect", args.steps, args.batch, data=data)
-        rows[name] = {"data": data, "set_fd": own["fd"], "set_size": len(load_dataset(data)),
+        rows[name] = {"data": data, "set_fd": own["fd"], "set_size": len(ds),
                       **consistency_rows(cache, run, f"n{args.n}-{name}-{args.steps}", seeds, ref, args.n_search)}
         if name.startswith("subset-"):          # also against the test images of its own classes
             sub_ref = subset_reference(args.subset)
             D, _ = load_denoiser(run)
             mid = rows[name]["mid_ts"]
             rows[name]["vs_subset_test"] = {
-                "set": cache.get(f"n{args.n}-set-{name}-vs-subset", lambda data=data: score_samples(
-                    load_dataset(data).images[:args.n].float() / 127.5 - 1, sub_ref)),
-                "1step": cache.get(f"n{args.n}-{name}-{args.steps}-1step-vs-subset", lambda D=D: score_samples(
-                    sample_images(D, seeds, SHAPE, ts=[80.0], batch=128), sub_ref)),
-                "2step": cache.get(f"n{args.n}-{name}-{args.steps}-2step-mid{mid[0]:.4g}-vs-subset",
-                                   lambda D=D: score_samples(sample_images(D, seeds, SHAPE, ts=[80.0, *mid],
-                                                                           batch=128), sub_ref))}
+                "set": cache.get(f"n{args.n}-set-{name}-vs-subset", lambda: score_samples(first, sub_ref)),
+                "1step": cache.get(f"n{args.n}-{name}-{args.steps}-1step-vs-subset", lambda: score_row(
+                    D, seeds, sub_ref, label=f"{name} 1 step vs its classes", ts=[80.0])),
+                "2step": cache.get(f"n{args.n}-{name}-{args.steps}-2step-mid{mid[0]:.4g}-vs-subset", lambda: score_row(
+                    D, seeds, sub_ref, label=f"{name} 2 steps vs its classes", ts=[80.0, *mid]))}
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     lines = ["| tuning set | set size | set's own FD | images seen | 1-step FD | 2-step FD (mid) | 2-step precision "
              "| 2-step recall |", "|---|---|---|---|---|---|---|---|"]

@@ -20,7 +20,8 @@ from . import __version__, distributed
 from .config import RunConfig, apply_overrides, preset, preset_names, read_config
 from .errors import EctuneError
 
-_LOCKS: list[int] = []     # file descriptors of the run folders this process holds (see _lock_run)
+LOCK = ".lock"             # held by the command running in a run folder (see _lock_run)
+_LOCKS: list[int] = []     # file descriptors of the run folders this process holds
 
 # Fields that may change when a run is continued (budget and cadence), not what it is.
 _RESUMABLE = {"steps", "ckpt_every", "sample_every", "log_every", "keep_ckpts", "max_nonfinite", "teacher", "data",
@@ -80,8 +81,8 @@ def _prepare_run(cfg: RunConfig, out: Path, resume: str = "auto") -> RunConfig:
             raise EctuneError(f"{out} holds a different run (differs in {diff}); choose another --out "
                               "or repeat the original settings to continue it")
     elif out.exists() and (not out.is_dir() or any(p.name not in (tmp.name, LOCK) for p in out.iterdir())):
-        raise EctuneError(f"{out} exists and is not an ectune run folder; choose another --out")   # tmp, LOCK: a
-        # first start that was killed
+        # (the temporary config and the lock file alone: a first start that was killed)
+        raise EctuneError(f"{out} exists and is not an ectune run folder; choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         _lock_run(out)
@@ -90,9 +91,6 @@ def _prepare_run(cfg: RunConfig, out: Path, resume: str = "auto") -> RunConfig:
     except OSError as e:
         raise EctuneError(f"cannot write {cfg_file} ({e}); check the permissions of {out} or free disk space") from None
     return cfg
-
-
-LOCK = ".lock"
 
 
 def _lock_run(out: Path) -> None:
