@@ -86,7 +86,7 @@ def main() -> None:
         else:
             run = tune(runs, f"ect-{name}-{args.steps}", args.teacher, "ect", args.steps, args.batch, data=data)
         rows[name] = {"data": data, "set_fd": own["fd"], "set_size": len(ds),
-                      **consistency_rows(cache, run, f"n{args.n}-{name}-{args.steps}", seeds, ref, args.n_search)}
+                      **consistency_rows(cache, run, f"{name}-{args.steps}", seeds, ref, args.n_search)}
         if name.startswith("subset-"):          # also against the test images of its own classes
             sub_ref = subset_reference(args.subset)
             D, _ = load_denoiser(run)
