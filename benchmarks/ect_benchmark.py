@@ -1,8 +1,8 @@
 """ECT against the alternatives on Fashion-MNIST, in one run on this machine (issue #3).
 
-    .venv/bin/python benchmarks/ect_benchmark.py --n 1000 --n-search 500 --budgets 100,200,400,3000 \
-        --compare 400 --inception-n 200 --teacher2 runs/teacher-w8   # the run in the README (2026-11-26)
-    .venv/bin/python benchmarks/ect_benchmark.py --n 10000 ...         # the issue's sample count (hours on CPU)
+    .venv/bin/python benchmarks/ect_benchmark.py --n 10000 --n-compute 1000 --n-search 500 \
+        --budgets 100,200,400,3000,6000 --compare 400 --inception-n 200 --teacher2 runs/teacher-w8
+        # the run in the README (2026-11-26): about 5 h of CPU, two processes (run it in two shells)
 
 --teacher2 is a teacher of another width, e.g. `ectune pretrain --preset fmnist --set net.model_channels=8
 --data fashion-mnist --kimg 300 --batch 128 --out runs/teacher-w8` (the README's); without it the scaling
