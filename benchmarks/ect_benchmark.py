@@ -121,6 +121,15 @@ def score_row(D, seeds, ref, *, label: str, **sampler) -> dict:
             "sampler": {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in sampler.items()}}
 
 
+def teacher_row(D, seeds, ref, family: str, nfe: int, who: str = "teacher") -> dict:
+    """A diffusion sampler's row: EDM Heun (NFE 2N − 1) or DPM-Solver++(2M) at `nfe` evaluations."""
+    if family == "heun":
+        kw, sampler = {"sampler": "heun", "heun_steps": (nfe + 1) // 2}, "Heun"
+    else:
+        kw, sampler = {"sampler": "dpmpp2m", "dpm_nfe": nfe}, "DPM-Solver++(2M)"
+    return {**score_row(D, seeds, ref, label=f"{who} {sampler} {nfe} NFE", **kw), "nfe": nfe, "family": family}
+
+
 def train_seconds(run: Path) -> float:
     """Compute seconds of a (possibly resumed) run, from its logged throughput."""
     cfg = json.loads((run / "config.json").read_text())
@@ -217,12 +226,6 @@ def inception_row(D, n: int, label: str, **sampler) -> dict:
             **score_inception(x, ref), **inception_provenance(f"fashion-mnist test[:{n}]")}
 
 
-def _priority(row: str) -> tuple[int, int]:
-    """Order of the teacher rows: NFE <= 5, then Heun-35 (the summary's inputs), then by NFE."""
-    nfe = int(row.rsplit("heun" if "heun" in row else "dpm", 1)[1])
-    return (0 if nfe <= 5 else 1 if "heun" in row and nfe == 35 else 2, nfe)
-
-
 def fit_power_law(x, y) -> tuple[float, float]:
     """y ≈ a·x^b by least squares in log-log; returns (a, b)."""
     b, log_a = np.polyfit(np.log(x), np.log(y), 1)
@@ -265,20 +268,19 @@ def main() -> None:
 
     # 1. Quality vs NFE of the teacher.
     T, _ = load_denoiser(args.teacher)
-    jobs = {}
-    for lv in HEUN_LEVELS:
-        jobs[f"{tag}-teacher-heun{2 * lv - 1}"] = lambda lv=lv: {
-            **score_row(T, seeds, ref, label=f"teacher Heun {2 * lv - 1} NFE", sampler="heun", heun_steps=lv),
-            "nfe": 2 * lv - 1, "family": "heun"}
-    for k in DPM_NFE:
-        jobs[f"{tag}-teacher-dpm{k}"] = lambda k=k: {
-            **score_row(T, seeds, ref, label=f"teacher DPM-Solver++(2M) {k} NFE", sampler="dpmpp2m", dpm_nfe=k),
-            "nfe": k, "family": "dpmpp2m"}
-    # The headline rows first (NFE <= 5, then Heun-35), so a stopped run has the summary's inputs; a
-    # second process running the same command takes the rows this one has not claimed.
-    for name in sorted(jobs, key=_priority):
-        cache.get(name, jobs[name], wait=False)
-    diffusion = [cache.get(name, fn) for name, fn in jobs.items()]
+    jobs = {f"{tag}-teacher-heun{2 * lv - 1}": ("heun", 2 * lv - 1) for lv in HEUN_LEVELS}
+    jobs.update({f"{tag}-teacher-dpm{k}": ("dpmpp2m", k) for k in DPM_NFE})
+
+    def row(name):
+        return lambda: teacher_row(T, seeds, ref, *jobs[name])
+
+    def priority(name):                      # NFE <= 5, then Heun-35: the summary's inputs come first
+        family, nfe = jobs[name]
+        return (0 if nfe <= 5 else 1 if (family, nfe) == ("heun", 35) else 2, nfe)
+    # A second process running the same command takes the rows this one has not claimed.
+    for name in sorted(jobs, key=priority):
+        cache.get(name, row(name), wait=False)
+    diffusion = [cache.get(name, row(name)) for name in jobs]
 
     # 2. + 4. Tuning runs: ECT at every budget (two widths), iCT and CD at the largest.
     models = {}
@@ -288,14 +290,12 @@ def main() -> None:
     heun35 = next(r for r in diffusion if r["family"] == "heun" and r["nfe"] == 35)
     # The teachers' Heun-35 rows at --n-compute, the reference line of the scaling plot.
     tag_c = f"n{len(seeds_c)}"
-    teacher_rows = {"w16": heun35 if seeds_c == seeds else cache.get(f"{tag_c}-teacher-heun35", lambda: {
-        **score_row(T, seeds_c, ref, label="teacher Heun 35 NFE", sampler="heun", heun_steps=18),
-        "nfe": 35, "family": "heun"})}
+    teacher_rows = {"w16": heun35 if seeds_c == seeds else cache.get(
+        f"{tag_c}-teacher-heun35", lambda: teacher_row(T, seeds_c, ref, "heun", 35))}
     if "w8" in teachers:
         T2, _ = load_denoiser(args.teacher2)
-        teacher_rows["w8"] = cache.get(f"{tag_c}-teacher2-heun35", lambda: {
-            **score_row(T2, seeds_c, ref, label="teacher w8 Heun 35 NFE", sampler="heun", heun_steps=18),
-            "nfe": 35, "family": "heun"})
+        teacher_rows["w8"] = cache.get(f"{tag_c}-teacher2-heun35", lambda: teacher_row(
+            T2, seeds_c, ref, "heun", 35, who="teacher w8"))
     widths_budgets = {w: [b for b in budgets if b <= cmp_ or w in long_widths] for w in teachers}
     for width, teacher in teachers.items():
         for steps in widths_budgets[width]:
@@ -380,8 +380,7 @@ def write_table(path: Path, diffusion, models) -> None:
             r = m[k]
             sampler = "1 step" if nfe == 1 else f"2 steps, mid {m['mid_ts'][0]:.3g}"
             lines.append(f"| {name} | {sampler} | {nfe} | {m['images']:,} | {m['train_seconds']:.0f} | {r['n']:,} | "
-                         f"{r['fd']:.1f} | "
-                         f"{r['precision']:.3f} | {r['recall']:.3f} | {r['seconds_per_image']:.4f} |")
+                         f"{r['fd']:.1f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['seconds_per_image']:.4f} |")
     path.write_text("\n".join(lines) + "\n")
 
 
