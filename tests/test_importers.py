@@ -123,9 +123,14 @@ def test_edm_pickle_imports_exactly_without_running_its_code(persistence, tmp_pa
     imported, cfg = load_denoiser(tmp_path / "out" / "model.safetensors")
     x, sigma = torch.randn(4, 3, 8, 8), torch.tensor([0.01, 0.5, 3.0, 80.0])
     labels = torch.arange(4) % 3 if label_dim else None
+    official_ect = precond == "ECMPrecond"
     with torch.no_grad():
+        shift, imported.eval_sigma_min = imported.eval_sigma_min, 0.0
+        assert torch.equal(imported(x, sigma, labels), D(x, sigma, labels))           # the same network
+        imported.eval_sigma_min = D.eval_sigma_min = shift         # official ECT's eval-mode sigma_min shift
         assert torch.equal(imported(x, sigma, labels), D(x, sigma, labels))
-    assert cfg.kind == "pretrain" and cfg.preset == "cifar10"
+    assert cfg.net.eval_sigma_min == (0.003 if official_ect else 0.0)
+    assert cfg.kind == ("tune" if official_ect else "pretrain") and cfg.preset == "cifar10"
 
 
 def test_the_fake_persistence_module_would_run_module_src(persistence, tmp_path):

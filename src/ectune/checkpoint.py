@@ -103,10 +103,14 @@ def _remove_partial(root: Path) -> None:
 
 
 def resolve_weights(path: str | Path) -> Path:
-    """Run folder → its latest checkpoint's model.safetensors; checkpoint folder or file → itself."""
+    """Run folder → its latest checkpoint's model.safetensors; checkpoint folder or file → itself;
+    diffusers model folder → its UNet's safetensors weights."""
+    from .importers.diffusers_vp import diffusers_root, diffusers_weights_file
     p = Path(path)
     if p.is_file():
         return p
+    if diffusers_root(p) is not None:
+        return diffusers_weights_file(diffusers_root(p))
     if (p / "model.safetensors").is_file():
         return p / "model.safetensors"
     ckpts = list_checkpoints(p)

@@ -173,22 +173,37 @@ def _freeze_schedule(cfg: RunConfig, out: Path) -> RunConfig:
     return replace(cfg, loss=replace(L, stage_iters=cfg.stage_iters, ict_total_steps=total))
 
 
-def cmd_tune(args) -> None:
+def _tune_base(args):
+    """(base config, teacher tensors or None, diffusers teacher or None) for `ectune tune`."""
     from .checkpoint import read_weights
-    from .models import build_denoiser, resolve_device, student_from
-    from .training import train
+    from .importers.diffusers_vp import diffusers_root
+    from .models import diffusers_denoiser, student_net
     if args.teacher is None and args.method != "ict":
         raise EctuneError(f"--method {args.method} starts from a teacher: pass --teacher RUN_OR_WEIGHTS")
+    if args.teacher is not None and diffusers_root(args.teacher) is not None:
+        if args.method != "cd":
+            raise EctuneError(f"--teacher {args.teacher} is a diffusers DDPM, whose network ectune cannot tune; "
+                              "distill it with --method cd (the student is the preset's network)")
+        teacher, t_cfg = diffusers_denoiser(diffusers_root(args.teacher))
+        base = preset(args.preset or "fmnist", "tune")
+        net = replace(base.net, in_channels=t_cfg.net.in_channels, img_resolution=t_cfg.net.img_resolution)
+        return replace(base, net=net, teacher=str(args.teacher)), None, teacher
     if args.teacher is not None:
         t_cfg, tensors, _ = read_weights(args.teacher)
         base = preset(args.preset or t_cfg.preset, "tune")
-        base = replace(base, data=t_cfg.data, teacher=str(args.teacher),
-                       net=replace(t_cfg.net, dropout=base.net.dropout), sample=replace(base.sample))
-    else:                                       # iCT from scratch: the preset's network on the data's shape
-        base = preset(args.preset or "fmnist", "tune")
-        if args.data:
-            shape = _load_data(args.data).images.shape
-            base = replace(base, net=replace(base.net, in_channels=shape[1], img_resolution=shape[2]))
+        return replace(base, data=t_cfg.data, teacher=str(args.teacher), net=student_net(t_cfg.net, base.net),
+                       sample=replace(base.sample)), tensors, None
+    base = preset(args.preset or "fmnist", "tune")   # iCT from scratch: the preset's network on the data's shape
+    if args.data:
+        shape = _load_data(args.data).images.shape
+        base = replace(base, net=replace(base.net, in_channels=shape[1], img_resolution=shape[2]))
+    return base, None, None
+
+
+def cmd_tune(args) -> None:
+    from .models import build_denoiser, resolve_device, student_from
+    from .training import train
+    base, tensors, teacher = _tune_base(args)
     cfg = _configure(args, _method_config(base, args.method))
     if cfg.loss.method not in ("ect", "ict", "cd"):
         raise EctuneError(f"tune trains a consistency model: loss.method must be ect, ict or cd, not {cfg.loss.method!r}")
@@ -202,11 +217,12 @@ def cmd_tune(args) -> None:
     if cfg.net.label_dim and (ds.labels is None or ds.num_classes > cfg.net.label_dim):
         raise EctuneError(f"the teacher is class-conditional ({cfg.net.label_dim} classes) but {cfg.data} has "
                           "no labels in that range; tune on labelled data")
-    if cfg.loss.method == "ict":                # consistency training from scratch: random init
+    if cfg.loss.method == "ict" or tensors is None:     # from scratch: iCT, or CD from a diffusers teacher
         D = build_denoiser(cfg.net, cfg.seed)
     else:
         D = student_from(tensors, cfg.net, f"teacher {args.teacher}")
-    teacher = student_from(tensors, cfg.net, f"teacher {args.teacher}") if cfg.loss.method == "cd" else None
+    if cfg.loss.method == "cd" and teacher is None:
+        teacher = student_from(tensors, cfg.net, f"teacher {args.teacher}")
     cfg = distributed.on_main(lambda: _prepare_run(cfg, Path(args.out), args.resume))   # after the teacher fits
     state = train(cfg, Path(args.out), ds, D, device=device, progress=not args.no_progress, teacher=teacher)
     _report(state, cfg, args.out)

@@ -18,8 +18,11 @@ from .errors import EctuneError
 
 @dataclass(frozen=True)
 class NetConfig:
-    """SongUNet (DDPM++) architecture; resolution, channels and label_dim come from the data."""
+    """The denoiser: network architecture and preconditioning; resolution, channels and label_dim
+    come from the data. ``arch`` "ddpmpp" is EDM's SongUNet, "edm2" EDM2's magnitude-preserving U-Net
+    (its fields ``channel_mult_noise``, ``dropout_res`` and ``logvar_channels`` apply to it only)."""
     size: str = "small"                     # NETWORK_PRESETS key the fields below were taken from
+    arch: str = "ddpmpp"                    # "ddpmpp" (SongUNet) | "edm2"
     model_channels: int = 32
     channel_mult: tuple[int, ...] = (1, 2, 2)
     channel_mult_emb: int = 4
@@ -31,6 +34,10 @@ class NetConfig:
     in_channels: int = 1
     label_dim: int = 0                      # 0 = unconditional
     sigma_data: float = 0.5
+    channel_mult_noise: int = 1             # edm2: Fourier-embedding width / model_channels
+    dropout_res: int = 0                    # edm2: > 0 applies dropout only at resolutions <= this
+    logvar_channels: int = 0                # edm2: > 0 adds the uncertainty head u(sigma) (EDM2 Eq. 21)
+    eval_sigma_min: float = 0.0             # > 0: official ECT's eval-mode shift of c_skip/c_out by sigma_min
 
 
 @dataclass(frozen=True)
@@ -152,9 +159,25 @@ def _check_values(cfg: RunConfig) -> None:
         raise EctuneError(f"config net.channel_mult must be a non-empty list of ints >= 1, got {n.channel_mult}")
     if not (0 <= n.dropout < 1 and n.sigma_data > 0):
         raise EctuneError(f"config needs 0 <= net.dropout < 1 and net.sigma_data > 0, got {n.dropout}, {n.sigma_data}")
+    _check_net(n)
     if e.kind not in ("power", "fixed") or (e.kind == "power" and not 0 < e.sigma_rel < 0.28) or not 0 <= e.beta <= 1:
         raise EctuneError(f"config ema must be kind=power with 0 < sigma_rel < 0.28 or kind=fixed with "
                           f"0 <= beta <= 1, got kind={e.kind!r}, sigma_rel={e.sigma_rel}, beta={e.beta}")
+
+
+def _check_net(n: NetConfig) -> None:
+    """Architecture-specific limits of the network fields."""
+    if n.arch not in ("ddpmpp", "edm2"):
+        raise EctuneError(f"config net.arch must be 'ddpmpp' or 'edm2', got {n.arch!r}")
+    if min(n.channel_mult_noise, n.dropout_res, n.logvar_channels) < 0 or not 0 <= n.eval_sigma_min < 1:
+        raise EctuneError("config net.channel_mult_noise, net.dropout_res and net.logvar_channels must be >= 0 "
+                          f"and 0 <= net.eval_sigma_min < 1, got {n.channel_mult_noise}, {n.dropout_res}, "
+                          f"{n.logvar_channels}, {n.eval_sigma_min}")
+    if n.arch == "ddpmpp" and (n.channel_mult_noise != 1 or n.dropout_res or n.logvar_channels):
+        raise EctuneError("config net.channel_mult_noise, net.dropout_res and net.logvar_channels are EDM2 "
+                          "settings; set net.arch=edm2 or leave them at 1, 0, 0")
+    if n.arch == "edm2" and n.label_dropout:
+        raise EctuneError("config net.label_dropout is not part of EDM2's network; leave it at 0 for net.arch=edm2")
 
 
 def _build(cls, d, prefix):
@@ -242,6 +265,50 @@ def _net(size: str, **overrides) -> NetConfig:
     return NetConfig(size=size, **{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()})
 
 
+def _edm2_net(size: str, **overrides) -> NetConfig:
+    """EDM2's ImageNet-64 network of a size ("xs" ... "xl"): class-conditional, 64×64×3."""
+    from .networks import EDM2_SIZES
+    p = dict(model_channels=EDM2_SIZES[size]["model_channels"], dropout=EDM2_SIZES[size]["dropout"],
+             channel_mult=(1, 2, 3, 4), channel_mult_emb=4, num_blocks=3, attn_resolutions=(16, 8),
+             img_resolution=64, in_channels=3, label_dim=1000)
+    return NetConfig(size=f"edm2-{size}", arch="edm2", **{**p, **overrides})
+
+
+# The official ECT `imgnet` branch's presets (edm2-img64-*): learning rate and tuning dropout per size.
+_ECT_IMGNET = {"s": (1e-3, 0.40), "m": (9e-4, 0.50), "l": (8e-4, 0.50), "xl": (7e-4, 0.50)}
+# EDM2's own pretraining presets (edm2-img64-*): learning rate per size.
+_EDM2_IMGNET_LR = {"s": 1e-2, "m": 9e-3, "l": 8e-3, "xl": 7e-3}
+
+
+def _imagenet64_presets() -> dict[str, dict]:
+    """ImageNet-64 on EDM2 networks: "imagenet64" (EDM2-S) and "imagenet64-m/-l/-xl".
+
+    tune: the official ECT `imgnet` branch (run_imgnet_ecm.sh with its edm2-img64-* presets): Adam
+    (0.9, 0.99) with inverse-sqrt decay from 2,000 iterations, batch 128, 100k iterations (12.8M
+    images) in 4 stages of 25k, q = 4, k = 8, b = 1, c = 0.06, "snr" weighting, ln t ~ N(−0.8, 1.6²),
+    dropout only at resolutions <= 16, fp32 with TF32, no logvar head, mid time 1.526. Its EMA is a
+    power-function EMA at σ_rel 0.010 / 0.050 / 0.100 (one snapshot each); ectune keeps one, 0.050.
+    pretrain: EDM2's own (train_edm2.py): batch 2048, 2^30 images (M: 2^31), lr ramp over 10M images
+    and inverse-sqrt decay from 35k iterations, the EDM2 loss with the logvar head, EMA σ_rel 0.05.
+    """
+    out = {}
+    for size, (lr, dropout) in _ECT_IMGNET.items():
+        net = _edm2_net(size)
+        pre_steps = (2 << 30 if size == "m" else 1 << 30) // 2048
+        out["imagenet64" if size == "s" else f"imagenet64-{size}"] = dict(
+            net=net, batch=128, steps=100000, ckpt_every=2500, sample_every=10000,
+            sample=SampleConfig(mid_ts=(1.526,)),
+            pretrain=dict(net=replace(net, logvar_channels=128), batch=2048, steps=pre_steps, ckpt_every=5000,
+                          loss=LossConfig(method="edm", P_mean=-0.8, P_std=1.6),
+                          optim=OptimConfig(lr=_EDM2_IMGNET_LR[size], betas=(0.9, 0.99),
+                                            warmup_steps=4883, lr_ref_steps=35000)),
+            tune=dict(net=replace(net, dropout=dropout, dropout_res=16),
+                      loss=LossConfig(method="ect", P_mean=-0.8, P_std=1.6, q=4.0, stages=4, stage_iters=25000,
+                                      c=0.06, weighting="snr"),
+                      optim=OptimConfig(name="adam", lr=lr, betas=(0.9, 0.99), lr_ref_steps=2000)))
+    return out
+
+
 def _presets() -> dict[str, dict[str, RunConfig]]:
     """The preset table: name → {"pretrain": RunConfig, "tune": RunConfig}."""
     ect_loss = LossConfig(method="ect", P_mean=-1.1, P_std=2.0, q=2.0, stages=8)
@@ -270,18 +337,7 @@ def _presets() -> dict[str, dict[str, RunConfig]]:
                                            ema=EMAConfig(kind="fixed", beta=0.999)),
                              tune=dict(loss=replace(ect_loss, q=256.0, stages=1, stage_iters=200000), net_dropout=0.2,
                                        ema=EMAConfig(kind="fixed", beta=0.9993))),
-        # ECT.md §4: ImageNet-64 settings (class-conditional; lognormal(−0.8, 1.6), q = 4, 25k iterations per
-        # stage, 100k in all, c = 0.06, "snr" weighting, Adam (0.9, 0.99) lr 1e-3 with inverse-sqrt decay from
-        # 2,000 iterations, mid time 1.526). The paper used EDM2 networks, which ectune does not have: this
-        # preset pairs those settings with a 64×64 DDPM++ (4 resolutions).
-        "imagenet64": dict(net=_net("ddpmpp", img_resolution=64, in_channels=3, label_dim=1000,
-                                    channel_mult=(1, 2, 2, 2)),
-                           batch=1024, steps=100000, ckpt_every=2500, sample_every=10000,
-                           sample=SampleConfig(mid_ts=(1.526,)),
-                           pretrain=dict(steps=500000, optim=OptimConfig(lr=2e-4)),   # ectune's EDM default
-                           tune=dict(loss=LossConfig(method="ect", P_mean=-0.8, P_std=1.6, q=4.0, stages=4,
-                                                     stage_iters=25000, c=0.06, weighting="snr"),
-                                     optim=OptimConfig(name="adam", lr=1e-3, betas=(0.9, 0.99), lr_ref_steps=2000))),
+        **_imagenet64_presets(),
     }
     out = {}
     for name, p in table.items():

@@ -32,6 +32,15 @@ def edm_loss(D: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Te
     return edm_weight(sigma, sigma_data) * _sum_pixels((denoised - x0) ** 2)
 
 
+def edm2_loss(D: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, *,
+              sigma_data: float = 0.5, class_labels=None) -> torch.Tensor:
+    """EDM2's loss with learned uncertainty u(σ) (Karras et al. 2024, Eq. 21), summed over pixels:
+    λ(σ)/e^u·‖D(x0 + σε, σ) − x0‖² + N·u for N pixels. D must return (D_x, u) with return_logvar."""
+    denoised, logvar = D(x0 + _bcast(sigma) * noise, sigma, class_labels, return_logvar=True)
+    n = x0[0].numel()
+    return edm_weight(sigma, sigma_data) / logvar.exp() * _sum_pixels((denoised - x0) ** 2) + n * logvar
+
+
 def pseudo_huber(sq_dist: torch.Tensor, c: float) -> torch.Tensor:
     """√(d + c²) − c on the per-sample squared L2 distance d (ECT §4.6; c = 0 is the plain L2 norm).
 

@@ -4,6 +4,10 @@
 
 with c_skip = σd²/(σ²+σd²), c_out = σ·σd/√(σ²+σd²), c_in = 1/√(σ²+σd²), c_noise = ln(σ)/4.
 At σ = 0, c_skip = 1 and c_out = 0, so D(x, 0) = x exactly; the network is never evaluated there.
+
+The official ECT code evaluates its CIFAR-10 models (``ECMPrecond``, eval mode only) with c_skip and
+c_out shifted by σ_min = 0.003 (:func:`ect_eval_coefficients`); ``eval_sigma_min`` > 0 turns that on
+for a model imported from it. ectune's own runs leave it at 0: the same D in training and sampling.
 """
 
 from __future__ import annotations
@@ -21,6 +25,14 @@ def edm_coefficients(sigma: torch.Tensor, sigma_data: float = 0.5):
     return c_skip, c_out, c_in
 
 
+def ect_eval_coefficients(sigma: torch.Tensor, sigma_data: float, sigma_min: float):
+    """(c_skip, c_out) of official ECT's eval mode: c_skip = σd²/((σ−σmin)² + σd²),
+    c_out = (σ−σmin)·σd/√(σ² + σd²); D(x, σmin) = x."""
+    c_skip = sigma_data**2 / ((sigma - sigma_min) ** 2 + sigma_data**2)
+    c_out = (sigma - sigma_min) * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+    return c_skip, c_out
+
+
 def c_noise(sigma: torch.Tensor) -> torch.Tensor:
     """Noise conditioning of EDM: ln(σ)/4 (defined for σ > 0 only)."""
     return sigma.log() / 4
@@ -34,22 +46,28 @@ class EDMPrecond(nn.Module):
     Rows with σ = 0 return x itself without evaluating the network on them.
     """
 
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5, label_dim: int = 0):
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, label_dim: int = 0, eval_sigma_min: float = 0.0):
         super().__init__()
         self.net = net
         self.sigma_data = float(sigma_data)
         self.label_dim = int(label_dim)
+        self.eval_sigma_min = float(eval_sigma_min)
 
-    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None, *,
+                return_logvar: bool = False):
+        """D(x, σ); with ``return_logvar`` also the network's u(σ) (B,) (EDM2 nets with a logvar head)."""
         x = x.to(torch.float32)                                            # (B, C, H, W)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         sigma = sigma.reshape(-1).expand(x.shape[0]).reshape(-1, 1, 1, 1)  # (B, 1, 1, 1)
         labels = self._labels(class_labels, x)
         c_skip, c_out, c_in = edm_coefficients(sigma, self.sigma_data)
+        if self.eval_sigma_min and not self.training:
+            c_skip, c_out = ect_eval_coefficients(sigma, self.sigma_data, self.eval_sigma_min)
         positive = sigma > 0
         safe_sigma = torch.where(positive, sigma, torch.ones_like(sigma))  # ln(0) never reached
         F_x = self.net(c_in * x, c_noise(safe_sigma).reshape(-1), labels).to(torch.float32)
-        return torch.where(positive, c_skip * x + c_out * F_x, x)
+        D_x = torch.where(positive, c_skip * x + c_out * F_x, x)
+        return (D_x, self.net.logvar(c_noise(safe_sigma).reshape(-1))) if return_logvar else D_x
 
     def _labels(self, class_labels, x):
         if self.label_dim == 0:

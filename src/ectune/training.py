@@ -25,7 +25,7 @@ from .data import BatchSampler, ImageDataset
 from .ema import EMA
 from .errors import EctuneError
 from .images import save_samples
-from .losses import cd_loss, ect_loss, edm_loss
+from .losses import cd_loss, ect_loss, edm2_loss, edm_loss
 from .sampling import default_consistency_times, sample_images
 from .schedules import ect_r, ect_stage, ict_num_levels, ict_t_r, lognormal_sigma
 
@@ -95,8 +95,9 @@ def batch_loss(cfg: RunConfig, D, x0, labels, d: Draws, teacher=None) -> torch.T
     """Per-sample loss (B,) of the method in `cfg.loss` for images x0 and their draws `d`."""
     L = cfg.loss
     kw = {"c": L.c, "weighting": L.weighting, "sigma_data": cfg.net.sigma_data, "class_labels": labels}
-    if L.method == "edm":
-        return edm_loss(D, x0, d.t, d.noise, sigma_data=cfg.net.sigma_data, class_labels=labels)
+    if L.method == "edm":                       # EDM2 networks with a logvar head train with EDM2's loss
+        loss = edm2_loss if cfg.net.logvar_channels else edm_loss
+        return loss(D, x0, d.t, d.noise, sigma_data=cfg.net.sigma_data, class_labels=labels)
     if L.method in ("ect", "ict"):
         return ect_loss(D, x0, d.t, d.r, d.noise, **kw)
     if teacher is None:

@@ -136,6 +136,43 @@ def _import_diffusers():
     return diffusers
 
 
+def diffusers_root(path: str | Path) -> Path | None:
+    """The model folder when `path` is a diffusers UNet2DModel folder, a pipeline folder holding
+    ``unet/``, or the weights file inside one; else None."""
+    p = Path(path)
+    if p.is_file() and p.name.startswith("diffusion_pytorch_model"):
+        p = p.parent
+    if p.name == "unet" and (p.parent / "scheduler").is_dir():
+        p = p.parent
+    config = p / "unet" / "config.json" if (p / "unet" / "config.json").is_file() else p / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return p if json.loads(config.read_text()).get("_class_name") == "UNet2DModel" else None
+    except (OSError, ValueError):
+        return None
+
+
+def diffusers_weights_file(root: Path) -> Path:
+    """The safetensors weights of a diffusers folder (what provenance hashes)."""
+    unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
+    found = sorted(unet_dir.glob("diffusion_pytorch_model*.safetensors"))
+    if not found:
+        raise EctuneError(f"{unet_dir} holds no diffusion_pytorch_model.safetensors; ectune reads safetensors only")
+    return found[0]
+
+
+def diffusers_shape(root: Path) -> tuple[int, int, int]:
+    """(in_channels, sample_size, num_class_embeds or 0) from a diffusers folder's UNet config."""
+    unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
+    cfg = json.loads((unet_dir / "config.json").read_text())
+    size = cfg.get("sample_size")
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    if not isinstance(size, int) or not isinstance(cfg.get("in_channels", 3), int):
+        raise EctuneError(f"{unet_dir}/config.json has no integer sample_size / in_channels")
+    return int(cfg.get("in_channels", 3)), size, int(cfg.get("num_class_embeds") or 0)
+
+
 def load_diffusers_teacher(path: str | Path, device: str | torch.device = "cpu") -> VPEpsDenoiser:
     """A DDPM pipeline folder (``unet/`` + ``scheduler/``) or a UNet2DModel folder, as D(x, σ) in eval mode.
 

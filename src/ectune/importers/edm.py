@@ -27,6 +27,7 @@ import math
 import pickle
 import re
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from ..config import NetConfig
 from ..errors import EctuneError
 from ..models import build_denoiser
 from ..networks import NETWORK_PRESETS
+from .edm2 import edm2_net_config, edm2_tensors, is_edm2
 
 PRECONDS = ("EDMPrecond", "ECMPrecond")     # both compute EDM's D(x, σ) around `self.model`
 _ARCH = ("model_channels", "channel_mult", "channel_mult_emb", "num_blocks", "attn_resolutions")
@@ -215,9 +217,11 @@ def _precond_of(snapshot: Any, source: str) -> PickledModule:
     if not isinstance(node, PickledModule):
         keys = sorted(map(str, snapshot)) if isinstance(snapshot, dict) else type(snapshot).__name__
         raise EctuneError(f"{source} holds no EDM network (found {keys}); expected a snapshot with an 'ema' network")
+    if node.class_name == "Precond" and is_edm2(node):
+        return node
     if node.class_name not in PRECONDS:
         raise EctuneError(f"{source}: the network is a {node.class_name}; only {'/'.join(PRECONDS)} "
-                          "(EDM preconditioning) can be imported")
+                          "(EDM preconditioning) and EDM2's Precond can be imported")
     model = node.children.get("model")
     if model is None or model.class_name != "SongUNet":
         found = model.class_name if model is not None else "nothing"
@@ -345,21 +349,47 @@ def _verify_settings(unet: PickledModule, net: torch.nn.Module, source: str) -> 
 def edm_to_ectune(snapshot: Any, source: str) -> tuple[NetConfig, dict[str, torch.Tensor], list[str]]:
     """(NetConfig, EDMPrecond state_dict ``net.*`` in float32, notes) for an unpickled EDM snapshot."""
     precond = _precond_of(snapshot, source)
-    unet = precond.children["model"]
-    tensors, notes = _drop_unused(unet.named_tensors(), source)
-    cfg = net_config_from(precond, tensors, source)
+    if is_edm2(precond):
+        tensors, notes = edm2_tensors(precond), []
+        cfg, unet = edm2_net_config(precond, tensors, source), None
+    else:
+        unet = precond.children["model"]
+        tensors, notes = _drop_unused(unet.named_tensors(), source)
+        cfg = net_config_from(precond, tensors, source)
+    if precond.class_name == "ECMPrecond":      # official ECT evaluates with c_skip/c_out shifted by sigma_min
+        cfg = replace(cfg, eval_sigma_min=_sigma_min(precond, source))
+        notes.append(f"official ECT's eval-mode sigma_min={cfg.eval_sigma_min} shift of c_skip/c_out is on "
+                     "(net.eval_sigma_min)")
     try:
         D = build_denoiser(cfg)
     except (EctuneError, ValueError) as e:
         raise EctuneError(f"{source}: its settings do not build a network ({e})") from None
     _verify(D.net.state_dict(), tensors, source)
-    _verify_settings(unet, D.net, source)
-    if precond.class_name == "ECMPrecond":
-        sigma_min = precond.state.get("sigma_min", 0.003)
-        notes.append(f"ECMPrecond's eval-time sigma_min={sigma_min} shift of c_skip/c_out is not applied "
-                     "(ectune uses plain EDM preconditioning)")
+    if unet is not None:
+        _verify_settings(unet, D.net, source)
     state = {f"net.{k}": v.detach().to(torch.float32).contiguous().clone() for k, v in tensors.items()}
     return cfg, state, notes
+
+
+def snapshot_family(snapshot: Any) -> str:
+    """Which code wrote a snapshot: "ect" (official ECT: ECMPrecond, an ECMLoss, or an EDM2 Precond
+    without EDM2's logvar head), "edm2" or "edm"."""
+    precond = snapshot.get("ema") if isinstance(snapshot, dict) else snapshot
+    loss = snapshot.get("loss_fn") if isinstance(snapshot, dict) else None
+    loss_name = getattr(loss, "class_name", "")
+    if precond.class_name == "ECMPrecond" or loss_name == "ECMLoss":
+        return "ect"
+    if is_edm2(precond):
+        return "edm2" if "logvar_linear" in precond.children or loss_name == "EDM2Loss" else "ect"
+    return "edm"
+
+
+def _sigma_min(precond: PickledModule, source: str) -> float:
+    """ECMPrecond's sigma_min (its attribute, else its init kwarg, else ECT's default 0.003)."""
+    value = precond.state.get("sigma_min", precond.init_kwargs.get("sigma_min", 0.003))
+    if not (isinstance(value, (int, float)) and 0 <= value < 1):
+        raise EctuneError(f"{source}: ECMPrecond.sigma_min is {value!r}, expected a number in [0, 1)")
+    return float(value)
 
 
 def import_edm_pickle(src: str | Path, out: str | Path, *, preset_name: str | None = None,
@@ -371,17 +401,21 @@ def import_edm_pickle(src: str | Path, out: str | Path, *, preset_name: str | No
     imported network; `data` is the dataset spec recorded for tuning (default "cifar10" for
     32x32 RGB networks, else none: pass ``--data`` to tune). Returns a summary dict.
     """
-    from dataclasses import replace
-
     from ..config import preset
     from .files import write_model_file
 
     src = Path(src)
-    net, state, notes = edm_to_ectune(read_edm_pickle(src), str(src))
+    snapshot = read_edm_pickle(src)
+    net, state, notes = edm_to_ectune(snapshot, str(src))
+    family = snapshot_family(snapshot)
     shape = (net.in_channels, net.img_resolution)
-    cfg = replace(preset(preset_name or "cifar10", "pretrain"), net=net, teacher="",
+    default = "imagenet64" if net.arch == "edm2" else "cifar10"
+    kind = "tune" if family == "ect" else "pretrain"      # an official ECT model is a consistency model
+    cfg = replace(preset(preset_name or default, kind), net=net, teacher="",
                   data=data if data is not None else ("cifar10" if shape == (3, 32) else ""))
-    meta = {"step": "0", "weights": "ema", "source": f"edm-pkl {src.name}", "note": "; ".join(notes)}
+    meta = {"step": "0", "weights": "ema", "source": f"edm-pkl {src.name}", "note": "; ".join(notes),
+            "family": family}
     path = write_model_file(out, cfg, {f"ema.{k}": v for k, v in state.items()}, meta)
     params = sum(v.numel() for v in state.values())
-    return {"out": str(path), "params": params, "net": net, "notes": notes, "preset": cfg.preset, "data": cfg.data}
+    return {"out": str(path), "params": params, "net": net, "notes": notes, "preset": cfg.preset, "data": cfg.data,
+            "family": family, "kind": kind}

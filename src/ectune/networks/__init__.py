@@ -10,6 +10,10 @@ plus the data's shape into a :class:`SongUNet`.
     large    48 × (1, 2, 2)                   2       7×7         3,935,089
     ddpmpp   128 × (2, 2, 2)                  4       16×16       55,732,739 at 32×32×3
 
+``EDM2UNet`` (``ectune.networks.edm2``) is EDM2's magnitude-preserving U-Net; ``EDM2_SIZES`` lists
+the ImageNet-64 widths EDM2 released (xs 128, s 192, m 256, l 320, xl 384 channels, multipliers
+1, 2, 3, 4, three blocks, attention at 16 and 8).
+
 ``ddpmpp`` is EDM's CIFAR-10 network (Karras et al. 2022, "55.7M"). EDM's released CIFAR-10
 checkpoints also carry a 9×128 augmentation-label embedding (``augment_dim=9``, 55,733,891
 parameters in all); it is unused at sampling time, so it is left out here unless asked for.
@@ -23,9 +27,10 @@ from typing import Any, Mapping
 from torch import nn
 
 from ectune.errors import EctuneError
+from ectune.networks.edm2 import EDM2_SIZES, EDM2UNet
 from ectune.networks.unet import SongUNet
 
-__all__ = ["NETWORK_PRESETS", "SongUNet", "build_network", "count_parameters"]
+__all__ = ["EDM2_SIZES", "EDM2UNet", "NETWORK_PRESETS", "SongUNet", "build_network", "count_parameters"]
 
 NETWORK_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(model_channels=16, channel_mult=(1, 1), num_blocks=1, attn_resolutions=(), dropout=0.0),
