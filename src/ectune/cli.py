@@ -409,8 +409,11 @@ def cmd_import(args) -> None:
     from .importers import import_edm_pickle
     r = import_edm_pickle(args.src, args.out, preset_name=args.preset, data=args.data)
     notes = "".join(f"\n  note: {n}" for n in r["notes"])
-    print(f"imported {r['params'] / 1e6:.2f}M parameters ({r['net'].in_channels}x{r['net'].img_resolution}px, "
-          f"{r['net'].label_dim or 'no'} classes, network {r['net'].size!r}) -> {r['out']}; preset {r['preset']}, "
+    what = {"edm": "EDM diffusion model", "ect": "official ECT consistency model",
+            "edm2": "EDM2 diffusion model"}[r["family"]]
+    print(f"imported {what}: {r['params'] / 1e6:.2f}M parameters ({r['net'].in_channels}x{r['net'].img_resolution}px, "
+          f"{r['net'].label_dim or 'no'} classes, {r['net'].arch} network {r['net'].size!r}) -> {r['out']}; "
+          f"preset {r['preset']} ({r['kind']}), "
           f"data {r['data'] or 'unset (pass --data to tune)'}{notes}")
 
 
@@ -421,7 +424,8 @@ def cmd_export(args) -> None:
 
 def _add_sampler_args(p: argparse.ArgumentParser, *, n: int, batch: int) -> None:
     """What `sample` and `eval` share: the checkpoint, the sampler and the seeds."""
-    p.add_argument("--ckpt", required=True, help="run folder, checkpoint folder or .safetensors file")
+    p.add_argument("--ckpt", required=True,
+                   help="run folder, checkpoint folder, .safetensors file or diffusers UNet2DModel DDPM folder")
     p.add_argument("--steps", type=int, default=1, help="consistency sampler steps (1, 2, ... k)")
     p.add_argument("--ts", type=float, nargs="+", help="explicit consistency times, e.g. 80 1.5")
     p.add_argument("--sampler", choices=["consistency", "heun", "dpmpp2m"], help="default: heun for a pretrain run")
@@ -456,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cond", action="store_true", help="class-conditional on the dataset's labels")
     p.set_defaults(func=cmd_pretrain)
     p = sub.add_parser("tune", help="Easy Consistency Tuning from a teacher's EMA weights (or the baselines)")
-    p.add_argument("--teacher", help="teacher run folder or weights file (iCT: optional, gives the architecture)")
+    p.add_argument("--teacher", help="teacher run folder or weights file (iCT: optional, gives the architecture; "
+                   "--method cd also takes a diffusers UNet2DModel DDPM folder)")
     p.add_argument("--method", default="ect", choices=["ect", "ict", "cd"],
                    help="ect: tune the teacher (default); ict: consistency training from random init "
                         "(iCT schedule); cd: consistency distillation from the frozen teacher")
@@ -468,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help=".png grid or .npz (uint8 NxCxHxW + seeds)")
     p.set_defaults(func=cmd_sample)
     p = sub.add_parser("synth", help="generate a tuning set with a teacher's sampler (sharded, resumable .npz)")
-    p.add_argument("--teacher", required=True, help="run folder, checkpoint folder or .safetensors file")
+    p.add_argument("--teacher", required=True,
+                   help="run folder, checkpoint folder, .safetensors file or diffusers UNet2DModel DDPM folder")
     p.add_argument("--n", type=int, required=True, help="number of samples; sample i uses seed --seed+i")
     p.add_argument("--out", required=True, help="FILE.npz (uint8 NxCxHxW images, seeds, labels if conditional, "
                    "manifest); shards go to FILE.npz.parts/ until done; run the same command to resume")
@@ -519,15 +525,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", choices=["fashion-mnist"])
     p.add_argument("--dest", default="~/.cache/ectune/fashion-mnist")
     p.set_defaults(func=cmd_download)
-    p = sub.add_parser("import", help="convert an EDM/ECT network .pkl into ectune weights (no code from it runs)")
-    p.add_argument("format", choices=["edm-pkl"], help="edm-pkl: an EDM/ECT snapshot (DDPM++ SongUNet)")
+    p = sub.add_parser("import", help="convert an EDM, official-ECT or EDM2 network .pkl into ectune weights "
+                       "(no code from it runs)")
+    p.add_argument("format", choices=["edm-pkl"], help="edm-pkl: a snapshot written by EDM, official ECT "
+                   "(CIFAR-10 or imgnet branch) or EDM2; which one is read from the file")
     p.add_argument("src", help="the file to import")
     p.add_argument("--out", required=True, help="output .safetensors (a .json sidecar is written beside it)")
-    p.add_argument("--preset", help="preset recorded for `ectune tune` (default cifar10)")
+    p.add_argument("--preset", help="preset recorded for `ectune tune` (default cifar10; imagenet64 for EDM2 "
+                   "networks)")
     p.add_argument("--data", help="dataset spec recorded for `ectune tune` (default cifar10 for 32x32 RGB)")
     p.set_defaults(func=cmd_import)
     p = sub.add_parser("export", help="write one set of weights + config as a standalone .safetensors")
-    p.add_argument("--ckpt", required=True, help="run folder, checkpoint folder or .safetensors file")
+    p.add_argument("--ckpt", required=True,
+                   help="run folder, checkpoint folder, .safetensors file or diffusers UNet2DModel DDPM folder")
     p.add_argument("--out", required=True, help="output .safetensors (a .json sidecar is written beside it)")
     p.add_argument("--weights", default="ema", choices=["ema", "net"], help="averaged (ema) or online (net)")
     p.set_defaults(func=cmd_export)
