@@ -63,3 +63,21 @@ def test_scalar_sigma_broadcasts():
     D = EDMPrecond(Affine())
     x = torch.randn(4, 1, 2, 2)
     torch.testing.assert_close(D(x, 0.7), D(x, torch.full((4,), 0.7)))
+
+
+def test_official_ect_eval_shift_only_in_eval_mode():
+    """ECT's ECMPrecond in eval mode: c_skip = σd²/((σ−σmin)² + σd²), c_out = (σ−σmin)·σd/√(σ² + σd²)."""
+    D = EDMPrecond(Affine(), sigma_data=0.5, eval_sigma_min=0.003)
+    x = torch.randn(4, 1, 4, 4, dtype=torch.float64).float()
+    sigma = torch.tensor([0.003, 0.01, 1.0, 80.0])
+    plain = EDMPrecond(Affine(), sigma_data=0.5)(x, sigma)
+    assert torch.equal(D.train()(x, sigma), plain)                       # training: EDM's coefficients
+    out = D.eval()(x, sigma)
+    for i, s in enumerate(sigma.tolist()):
+        c_skip = 0.25 / ((s - 0.003) ** 2 + 0.25)
+        c_out = (s - 0.003) * 0.5 / math.sqrt(s**2 + 0.25)
+        c_in = 1 / math.sqrt(s**2 + 0.25)
+        want = c_skip * x[i] + c_out * (2 * c_in * x[i] + math.log(s) / 4)
+        torch.testing.assert_close(out[i], want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[0], x[0])                              # D(x, σmin) = x
+    assert not torch.allclose(out[1], plain[1])
