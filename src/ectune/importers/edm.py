@@ -6,27 +6,20 @@ in which every network module is a "persistent class": its pickle calls
 *source code* of the module defining the class, which EDM's loader executes. ``pickle.load`` on such
 a file runs whatever that source, or any other global the file names, says.
 
-:class:`SafeUnpickler` resolves only these globals, to harmless stand-ins:
-
-    collections.OrderedDict, builtins set/frozenset           plain containers
-    torch._utils._rebuild_tensor(_v2), _rebuild_parameter*    our own validated tensor rebuild
-    torch.storage._load_from_bytes                            torch.load(..., weights_only=True)
-    torch_utils.persistence._reconstruct_persistent_obj       PickledModule(class name, state dict)
-    torch.nn ModuleDict / ModuleList / Sequential             PickledModule as well
-
-``module_src`` is never looked at; anything else raises EctuneError naming the global.
+The file is read with :mod:`.pickles`' restricted unpickler, which resolves only stand-ins that build
+data (``module_src`` is never looked at); anything else raises EctuneError naming the global.
 The recovered tree (``snapshot["ema"]`` = EDMPrecond or ECMPrecond, whose ``model`` is a SongUNet)
 is mapped onto ectune's EDMPrecond(SongUNet): EDM's ``model.*`` becomes ``net.*`` and every tensor
-name, shape and the few shape-less settings (group counts, attention heads) are verified.
+name, shape and the few shape-less settings (group counts, attention heads) are verified. EDM2's and
+the official ECT ``imgnet`` branch's ``Precond`` (around EDM2's U-Net) go to :mod:`.edm2`. ECMPrecond
+turns on official ECT's eval-mode σ_min shift (``net.eval_sigma_min``).
 """
 
 from __future__ import annotations
 
-import io
+import json
 import math
-import pickle
 import re
-from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,176 +31,11 @@ from ..errors import EctuneError
 from ..models import build_denoiser
 from ..networks import NETWORK_PRESETS
 from .edm2 import edm2_net_config, edm2_tensors, is_edm2
+from .metadata import snapshot_metadata
+from .pickles import PickledModule, read_edm_pickle
 
 PRECONDS = ("EDMPrecond", "ECMPrecond")     # both compute EDM's D(x, σ) around `self.model`
 _ARCH = ("model_channels", "channel_mult", "channel_mult_emb", "num_blocks", "attn_resolutions")
-
-
-class PickledModule:
-    """What is kept of a pickled module: its class name and its state dict — never its code.
-
-    ``state`` is the module's ``__dict__`` as pickled: ``_parameters``, ``_buffers``, ``_modules``
-    (children, themselves PickledModules), plain attributes and, for EDM's persistent classes,
-    ``_init_kwargs`` (the constructor's keyword arguments).
-    """
-
-    class_name = "?"
-    state: dict | None = None
-
-    def __init__(self, class_name: str, state: dict):
-        self.class_name, self.state = class_name, state
-
-    def __setstate__(self, state: Any) -> None:        # pickle's BUILD for plain torch containers
-        if not isinstance(state, dict):
-            raise EctuneError(f"pickled {self.class_name} has a {type(state).__name__} state, expected a dict")
-        self.state = state
-
-    def __repr__(self) -> str:
-        return f"PickledModule({self.class_name})"
-
-    @property
-    def init_kwargs(self) -> dict:
-        kwargs = (self.state or {}).get("_init_kwargs")
-        return dict(kwargs) if isinstance(kwargs, dict) else {}
-
-    def _entries(self, key: str) -> dict:
-        value = (self.state or {}).get(key) or {}
-        if not isinstance(value, dict):
-            raise EctuneError(f"pickled {self.class_name}.{key} is a {type(value).__name__}, expected a dict")
-        return {k: v for k, v in value.items() if v is not None}
-
-    @property
-    def children(self) -> dict[str, PickledModule]:
-        kids = self._entries("_modules")
-        bad = [k for k, v in kids.items() if not isinstance(v, PickledModule)]
-        if bad:
-            raise EctuneError(f"pickled {self.class_name} has non-module children {bad}; not a network snapshot")
-        return kids
-
-    def named_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        """Parameters and buffers of this module and all below it, by dotted name (a state_dict)."""
-        out = {}
-        for key in ("_parameters", "_buffers"):
-            for name, value in self._entries(key).items():
-                if not isinstance(value, torch.Tensor):
-                    raise EctuneError(f"pickled {prefix}{name} is a {type(value).__name__}, not a tensor")
-                out[prefix + name] = value
-        for name, child in self.children.items():
-            out.update(child.named_tensors(f"{prefix}{name}."))
-        return out
-
-    def find(self, path: str) -> PickledModule | None:
-        """The submodule at a dotted `path` ("" = self), or None."""
-        node = self
-        for part in filter(None, path.split(".")):
-            node = node.children.get(part)
-            if node is None:
-                return None
-        return node
-
-
-# --- stand-ins for the globals a network pickle may name
-def _persistent_object(meta: Any) -> PickledModule:
-    """Stand-in for EDM's ``_reconstruct_persistent_obj``: keeps class name and state, ignores the source."""
-    if not (isinstance(meta, dict) and isinstance(meta.get("class_name"), str) and isinstance(meta.get("state"), dict)):
-        raise EctuneError("malformed EDM persistent object (expected meta with class_name and a state dict)")
-    return PickledModule(meta["class_name"], meta["state"])
-
-
-def _container(name: str) -> type:
-    """A PickledModule subclass that pickle may instantiate (NEWOBJ) for a plain torch container."""
-    return type(name, (PickledModule,), {"class_name": name})
-
-
-def _is_int_tuple(value: Any) -> bool:
-    return isinstance(value, (tuple, list)) and all(isinstance(v, int) and v >= 0 for v in value)
-
-
-def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *_ignored: Any) -> torch.Tensor:
-    """A tensor view of `storage`; requires_grad, backward hooks and metadata are dropped."""
-    ok = isinstance(storage, torch.storage.TypedStorage) and isinstance(storage_offset, int) and storage_offset >= 0
-    if not (ok and _is_int_tuple(size) and _is_int_tuple(stride) and len(size) == len(stride)):
-        raise EctuneError("malformed tensor record in the pickle (storage, offset, size, stride)")
-    try:
-        empty = torch.empty((0,), dtype=storage.dtype)
-        return empty.set_(storage._untyped_storage, storage_offset, tuple(size), tuple(stride))
-    except RuntimeError as e:
-        raise EctuneError(f"a tensor in the pickle lies outside its storage ({e})") from None
-
-
-def _rebuild_parameter(data: Any, *_ignored: Any) -> torch.Tensor:
-    """A parameter becomes its plain data tensor (its hooks and state are dropped)."""
-    if not isinstance(data, torch.Tensor):
-        raise EctuneError(f"malformed parameter record in the pickle ({type(data).__name__})")
-    return data
-
-
-def _storage_from_bytes(data: Any) -> torch.storage.TypedStorage:
-    """``torch.storage._load_from_bytes`` with ``weights_only=True``: storages, never objects."""
-    if not isinstance(data, bytes):
-        raise EctuneError("malformed storage record in the pickle (expected bytes)")
-    try:
-        storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a bad or unsafe record
-        raise EctuneError(f"a tensor storage in the pickle is unreadable ({type(e).__name__}: {e})") from None
-    if not isinstance(storage, torch.storage.TypedStorage):
-        raise EctuneError(f"a storage record in the pickle holds a {type(storage).__name__}")
-    return storage
-
-
-def _latin1_bytes(text: Any, encoding: Any = "latin1") -> bytes:
-    """``_codecs.encode`` as protocol-2 pickles use it for bytes: latin-1 only."""
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise EctuneError("malformed bytes record in the pickle")
-    return text.encode("latin1")
-
-
-ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): OrderedDict,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("_codecs", "encode"): _latin1_bytes,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
-    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_object,
-    **{("torch.nn.modules.container", n): _container(n) for n in ("ModuleDict", "ModuleList", "Sequential")},
-}
-
-
-class SafeUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only :data:`ALLOWED_GLOBALS`; any other global raises EctuneError."""
-
-    def __init__(self, file, source: str):
-        super().__init__(file)
-        self.source = source
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise EctuneError(f"refusing to load {self.source}: it would import {module}.{name}, which could run "
-                              "code; only tensors and EDM/ECT network snapshots are read") from None
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise EctuneError(f"refusing to load {self.source}: it uses persistent ids (a torch.save file?); "
-                          "only plain pickles of EDM/ECT snapshots are read")
-
-
-def read_edm_pickle(path: str | Path) -> Any:
-    """Unpickle an EDM/ECT snapshot with :class:`SafeUnpickler` (no code from the file runs)."""
-    path = Path(path)
-    try:
-        with path.open("rb") as f:
-            return SafeUnpickler(f, str(path)).load()
-    except EctuneError:
-        raise
-    except OSError as e:
-        raise EctuneError(f"cannot read {path}: {e}; check the path") from None
-    except Exception as e:  # a truncated or malformed pickle raises many types
-        raise EctuneError(f"{path} is not a readable pickle ({type(e).__name__}: {e})") from None
 
 
 # --- mapping onto ectune's network
@@ -408,13 +236,18 @@ def import_edm_pickle(src: str | Path, out: str | Path, *, preset_name: str | No
     snapshot = read_edm_pickle(src)
     net, state, notes = edm_to_ectune(snapshot, str(src))
     family = snapshot_family(snapshot)
+    about = snapshot_metadata(snapshot)
+    encoder = about.get("encoder", {}).get("class_name", "") if isinstance(about.get("encoder"), dict) else ""
+    if encoder and encoder != "StandardRGBEncoder":
+        raise EctuneError(f"{src}: the network works in the latent space of a {encoder} (EDM2's latent models); "
+                          "ectune trains and samples in pixel space, so only pixel-space snapshots can be imported")
     shape = (net.in_channels, net.img_resolution)
     default = "imagenet64" if net.arch == "edm2" else "cifar10"
     kind = "tune" if family == "ect" else "pretrain"      # an official ECT model is a consistency model
     cfg = replace(preset(preset_name or default, kind), net=net, teacher="",
                   data=data if data is not None else ("cifar10" if shape == (3, 32) else ""))
     meta = {"step": "0", "weights": "ema", "source": f"edm-pkl {src.name}", "note": "; ".join(notes),
-            "family": family}
+            "family": family, "snapshot": json.dumps(about)}
     path = write_model_file(out, cfg, {f"ema.{k}": v for k, v in state.items()}, meta)
     params = sum(v.numel() for v in state.values())
     return {"out": str(path), "params": params, "net": net, "notes": notes, "preset": cfg.preset, "data": cfg.data,

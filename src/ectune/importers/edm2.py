@@ -77,7 +77,7 @@ def _check_fixed(unet: Any, kw: dict, source: str) -> None:
             if k in state and not (isinstance(state[k], (int, float)) and math.isclose(float(state[k]), v)):
                 bad.append(f"{path}.{k}={state[k]!r}")
         out, heads = state.get("out_channels"), state.get("num_heads")
-        if isinstance(out, int) and isinstance(heads, int) and heads and out // heads != 64:
+        if isinstance(out, int) and isinstance(heads, int) and heads and heads != out // 64:
             bad.append(f"{path}.num_heads={heads}")
     if bad:
         raise EctuneError(f"{source}: EDM2 settings {', '.join(bad[:6])} differ from EDM2's defaults, "
