@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import __version__, distributed
 from .config import RunConfig, apply_overrides, preset, preset_names, read_config
+from .cliargs import check_args, check_model_args
 from .errors import EctuneError
 
 LOCK = ".lock"             # held by the command running in a run folder (see _lock_run)
@@ -31,14 +32,16 @@ _RESUMABLE = {"steps", "ckpt_every", "sample_every", "log_every", "keep_ckpts", 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder (created; an existing run there is continued)")
     p.add_argument("--data", help="fashion-mnist | DIR of images | FILE.npz | digits; append [classes=0,2,4] "
-                   "to keep only those classes (quote it in zsh), e.g. 'fashion-mnist[classes=0,2,4]'")
-    p.add_argument("--preset", help=f"config preset: {', '.join(preset_names())}")
+                   "to keep only those classes (quote it in zsh), e.g. 'fashion-mnist[classes=0,2,4]' "
+                   "(default: the preset's; tune: the teacher's)")
+    p.add_argument("--preset", help=f"config preset: {', '.join(preset_names())} (default: fmnist; "
+                   "tune: the teacher's)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, help="iterations to train in total")
-    budget.add_argument("--kimg", type=float, help="thousands of training images in total")
-    p.add_argument("--batch", type=int, help="global batch size")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--ckpt-every", type=int, help="iterations between checkpoints")
+    budget.add_argument("--steps", type=int, help="iterations to train in total (default: the preset's)")
+    budget.add_argument("--kimg", type=float, help="thousands of training images in total (instead of --steps)")
+    p.add_argument("--batch", type=int, help="global batch size (default: the preset's)")
+    p.add_argument("--seed", type=int, help="random seed (default: the preset's)")
+    p.add_argument("--ckpt-every", type=int, help="iterations between checkpoints (default: the preset's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set loss.q=4 --set optim.lr=2e-4")
@@ -130,8 +133,15 @@ def cmd_pretrain(args) -> None:
     from .training import train
     base = preset(args.preset or "fmnist", "pretrain")
     cfg = _configure(args, base)
+    wrong = [f"{k}={v}" for k, v, want in (("kind", cfg.kind, "pretrain"), ("loss.method", cfg.loss.method, "edm"))
+             if v != want]
+    if wrong:
+        raise EctuneError(f"pretrain trains an EDM diffusion model, so --set {' '.join(wrong)} is refused; "
+                          "use `ectune tune` to train a consistency model")
     device = resolve_device(args.device)
     ds = _load_data(cfg.data)
+    if args.cond and ds.labels is None:
+        raise EctuneError(f"--cond needs class labels but --data {cfg.data} has none; drop --cond or use labelled data")
     label_dim = ds.num_classes if args.cond else cfg.net.label_dim
     if label_dim and ds.labels is None:
         raise EctuneError(f"--cond needs class labels but {cfg.data} has none")
@@ -190,6 +200,10 @@ def _tune_base(args):
         return replace(base, net=net, teacher=str(args.teacher)), None, teacher
     if args.teacher is not None:
         t_cfg, tensors, _ = read_weights(args.teacher)
+        # (a run already in --out is continued as it was created; for CD, _prepare_run refuses another teacher)
+        if t_cfg.kind == "tune" and args.method in ("ect", "cd") and not (Path(args.out) / "config.json").is_file():
+            raise EctuneError(f"--teacher {args.teacher} is already a consistency model; --method {args.method} "
+                              "needs a diffusion teacher: pass the pretrain run (or weights) it was tuned from")
         base = preset(args.preset or t_cfg.preset, "tune")
         return replace(base, data=t_cfg.data, teacher=str(args.teacher), net=student_net(t_cfg.net, base.net),
                        sample=replace(base.sample)), tensors, None
@@ -207,6 +221,9 @@ def cmd_tune(args) -> None:
     cfg = _configure(args, _method_config(base, args.method))
     if cfg.loss.method not in ("ect", "ict", "cd"):
         raise EctuneError(f"tune trains a consistency model: loss.method must be ect, ict or cd, not {cfg.loss.method!r}")
+    if cfg.kind != "tune":
+        raise EctuneError(f"tune trains a consistency model, so --set kind={cfg.kind} is refused; "
+                          "use `ectune pretrain` to train a diffusion model")
     cfg = _freeze_schedule(cfg, Path(args.out))
     device = resolve_device(args.device)
     ds = _load_data(cfg.data)
@@ -255,6 +272,7 @@ def cmd_sample(args) -> None:
     from .sampling import default_consistency_times
     device = resolve_device(args.device)
     D, cfg = load_denoiser(args.ckpt, which=args.weights, device=device)
+    check_model_args(args, cfg)
     sampler = args.sampler or ("heun" if cfg.kind == "pretrain" else "consistency")
     ts = args.ts or default_consistency_times(args.steps, _mid_times(args, cfg), cfg.sample.t_max)
     seeds = list(range(args.seed, args.seed + args.n))
@@ -339,6 +357,7 @@ def cmd_eval(args) -> None:
     from .sampling import default_consistency_times
     device = resolve_device(args.device)
     D, cfg = load_denoiser(args.ckpt, which=args.weights, device=device)
+    check_model_args(args, cfg)
     shape = (cfg.net.in_channels, cfg.net.img_resolution, cfg.net.img_resolution)
     if args.metric == "classifier" and shape != (1, 28, 28):
         raise EctuneError("the classifier metric measures Fashion-MNIST-shaped models (1x28x28); "
@@ -426,17 +445,18 @@ def _add_sampler_args(p: argparse.ArgumentParser, *, n: int, batch: int) -> None
     """What `sample` and `eval` share: the checkpoint, the sampler and the seeds."""
     p.add_argument("--ckpt", required=True,
                    help="run folder, checkpoint folder, .safetensors file or diffusers UNet2DModel DDPM folder")
-    p.add_argument("--steps", type=int, default=1, help="consistency sampler steps (1, 2, ... k)")
-    p.add_argument("--ts", type=float, nargs="+", help="explicit consistency times, e.g. 80 1.5")
-    p.add_argument("--sampler", choices=["consistency", "heun", "dpmpp2m"], help="default: heun for a pretrain run")
+    p.add_argument("--steps", type=int, help="consistency sampler steps (1, 2, ... k; default 1)")
+    p.add_argument("--ts", type=float, nargs="+", help="explicit consistency times instead of --steps, e.g. 80 1.5")
+    p.add_argument("--sampler", choices=["consistency", "heun", "dpmpp2m"],
+                   help="default: heun for a pretrain run, else consistency")
     p.add_argument("--num-steps", type=int, default=18, help="Heun noise levels N (NFE = 2N-1)")
     p.add_argument("--nfe", type=int, default=35, help="DPM-Solver++(2M) network evaluations, any >= 1 "
                    "(= its Karras noise levels)")
     p.add_argument("--n", type=int, default=n, help="number of samples")
     p.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed+i")
     p.add_argument("--weights", default="ema", help="ema | net (online weights)")
-    p.add_argument("--batch", type=int, default=batch)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch", type=int, default=batch, help="samples per network call")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
 
 def _sampler_spec(sampler: str, args, ts) -> dict:
@@ -445,8 +465,6 @@ def _sampler_spec(sampler: str, args, ts) -> dict:
     if sampler == "heun":
         return {"name": "heun", "num_steps": args.num_steps, "nfe": heun_nfe(args.num_steps)}
     if sampler == "dpmpp2m":
-        if args.nfe < 1:
-            raise EctuneError(f"--nfe must be >= 1, got {args.nfe}")
         return {"name": "dpmpp2m", "nfe": dpmpp_nfe(args.nfe)}
     return {"name": "consistency", "ts": list(ts), "nfe": len(ts)}
 
@@ -541,15 +559,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .safetensors (a .json sidecar is written beside it)")
     p.add_argument("--weights", default="ema", choices=["ema", "net"], help="averaged (ema) or online (net)")
     p.set_defaults(func=cmd_export)
+    for command in ("pretrain", "tune", "sample", "eval"):
+        sub.choices[command].formatter_class = _HelpFormatter
     return ap
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows each option's default, unless it has none or its help already names it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == [] \
+                or "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _stdout_closed() -> None:
+    """The reader of stdout went away (`ectune presets | head -1`): point stdout at /dev/null so that
+    Python's final flush does not complain again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_args(args)
         if distributed.launched():              # under torchrun: join the group, one device per rank
             args.device = str(distributed.init(getattr(args, "device", "auto")))
         args.func(args)
+        sys.stdout.flush()                      # a closed pipe shows here, inside the handler below
+    except BrokenPipeError:
+        _stdout_closed()
+        return 141                              # 128 + SIGPIPE, as for a tool that the pipe stopped
     except EctuneError as e:
         print(f"ectune: error: {e}", file=sys.stderr)
         return 2

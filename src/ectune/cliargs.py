@@ -1,0 +1,89 @@
+"""Command-line argument checks, all made before any work starts (nothing loaded, nothing written).
+
+Each refusal is one :class:`EctuneError` that names the user's flag and what to do.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from .config import RunConfig
+from .errors import EctuneError
+
+_OUT_SUFFIXES = {"sample": (".png", ".npz"), "eval": (".json",)}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_args(args) -> None:
+    """Refuse impossible command-line values with one EctuneError naming the flag."""
+    cmd = args.cmd
+    counts = {"pretrain": ("steps", "batch", "ckpt_every"), "tune": ("steps", "batch", "ckpt_every"),
+              "sample": ("n", "steps", "batch", "num_steps", "nfe"),
+              "eval": ("n", "steps", "batch", "num_steps", "nfe", "search_n")}.get(cmd, ())
+    for name in counts:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise EctuneError(f"{_flag(name)} must be >= 1, got {value}")
+    if getattr(args, "kimg", None) is not None and not (math.isfinite(args.kimg) and args.kimg > 0):
+        raise EctuneError(f"--kimg must be a positive number of thousands of images, got {args.kimg}")
+    if cmd in ("sample", "eval", "synth") and args.ts:
+        check_times(args.ts)
+    if cmd in ("sample", "eval"):
+        if args.ts and args.steps is not None:
+            raise EctuneError("--ts and --steps both set the consistency times; pass one of them")
+        if args.steps is None:
+            args.steps = 1
+        check_output(args.out, _OUT_SUFFIXES[cmd])
+    if cmd == "eval" and args.candidates and not all(math.isfinite(t) for t in args.candidates):
+        raise EctuneError(f"--candidates must be finite mid times, got {args.candidates}")
+
+
+def check_times(ts, t_max: float | None = None) -> None:
+    """--ts: finite, positive, strictly decreasing and, given the model's t_max, not above it."""
+    ts = [float(t) for t in ts]
+    if not all(math.isfinite(t) and t > 0 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+        raise EctuneError(f"--ts must be positive and strictly decreasing finite times, e.g. --ts 80 1.5; got {ts}")
+    if t_max is not None and ts[0] > t_max:
+        raise EctuneError(f"--ts {ts[0]:g} is above the model's largest time t_max={t_max:g}; "
+                          f"use times in (0, {t_max:g}]")
+
+
+def check_model_args(args, cfg: RunConfig) -> None:
+    """The checks of `sample` and `eval` that need the loaded model's config: --ts against its t_max,
+    --label against its classes."""
+    if args.ts:
+        check_times(args.ts, cfg.sample.t_max)
+    label = getattr(args, "label", None)
+    if label is not None and not cfg.net.label_dim:
+        raise EctuneError(f"--label {label}: {args.ckpt} is an unconditional model; drop --label")
+    if label is not None and not 0 <= label < cfg.net.label_dim:
+        raise EctuneError(f"--label must be in [0, {cfg.net.label_dim}) for this model "
+                          f"({cfg.net.label_dim} classes), got {label}")
+
+
+def check_output(out: str, suffixes: tuple[str, ...]) -> None:
+    """--out must be a file name with one of `suffixes` in a folder this process can write
+    (probed with a temporary file, removed at once); nothing else is created."""
+    path = Path(out)
+    if path.is_dir():
+        raise EctuneError(f"--out {out} is a folder; give a file name ending in {' or '.join(suffixes)}")
+    if path.suffix.lower() not in suffixes:
+        raise EctuneError(f"--out {out} must end in {' or '.join(suffixes)}")
+    folder = path.absolute().parent
+    while not folder.exists() and folder != folder.parent:    # missing folders are made later: probe the first
+        folder = folder.parent                                  # existing one
+    if not folder.is_dir():
+        raise EctuneError(f"--out {out}: {folder} is not a folder; choose another --out")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".ectune-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise EctuneError(f"--out {out}: cannot write in {folder} ({e.strerror or e}); "
+                          "choose a writable folder or fix its permissions") from None
