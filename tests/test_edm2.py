@@ -179,3 +179,82 @@ def test_pretrain_edm2_with_its_uncertainty_loss(tmp_path, edm2_teacher):
                  "--set", "net.model_channels=8", "--set", "net.label_dim=10", "--out", str(out), "--no-progress"]) == 0
     D, cfg = load_denoiser(out)
     assert cfg.net.logvar_channels == 128 and hasattr(D.net, "logvar_linear")
+
+
+# --- EDM2 and official-ECT `imgnet` snapshots (laid out as their code writes them, built from ectune's modules)
+from test_importers import _persistent, persistence  # noqa: E402,F401  (fixture)
+from test_real_pickles import dnnlib, record  # noqa: E402,F401  (fixture)
+
+
+def edm2_snapshot(D, src, dnnlib_module=None, *, logvar=True, encoder="StandardRGBEncoder"):
+    """EDM2's snapshot of D: EasyDict(ema=Precond(unet=UNet, logvar_*), loss_fn, encoder) in float16;
+    without `logvar`, the official ECT imgnet branch's dict(ema=Precond(unet=UNet)) in float32."""
+    import copy
+    precond = torch.nn.Module()
+    precond.unet = copy.deepcopy(D.net)
+    for head in ("logvar_fourier", "logvar_linear"):
+        module = precond.unet._modules.pop(head, None)
+        if logvar:
+            precond.add_module(head, module)
+    precond.sigma_data, precond.use_fp16 = 0.5, True
+    precond._init_kwargs = dict(img_resolution=64, img_channels=3, label_dim=10, model_channels=8,
+                                channel_mult=[1, 2, 3, 4], dropout=0.0)
+    for m, name in [(m, type(m).__name__) for m in precond.modules()]:
+        if not isinstance(m, torch.nn.ModuleDict):
+            m.__class__ = _persistent(type(m), src)
+            m.__class__.__name__ = {"EDM2UNet": "UNet", "Module": "Precond"}.get(name, name)
+    precond = precond.eval().requires_grad_(False)
+    if not logvar:
+        return {"ema": precond}
+    return dnnlib_module.EasyDict(ema=precond.to(torch.float16), encoder=record(encoder, src, batch_size=8),
+                                  loss_fn=record("EDM2Loss", src, P_mean=-0.8, P_std=1.6, sigma_data=0.5),
+                                  dataset_kwargs=dnnlib_module.EasyDict(path="img64.zip"))
+
+
+@pytest.mark.parametrize("writer", ["edm2", "ect-imgnet"])
+def test_edm2_and_ect_imgnet_snapshots_import_exactly(persistence, dnnlib, tmp_path, writer):
+    import json
+    import pickle
+    from safetensors import safe_open
+
+    from ectune.importers import import_edm_pickle
+    D = build_denoiser(tiny_edm2(logvar=16), seed=1).eval()
+    with torch.no_grad():
+        for p in D.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        if writer == "edm2":                                        # the file holds float16 tensors
+            for p in [*D.parameters(), *D.buffers()]:
+                p.copy_(p.half().float())
+    snap = edm2_snapshot(D, persistence.module.source, dnnlib, logvar=writer == "edm2")
+    pkl = tmp_path / "net.pkl"
+    pkl.write_bytes(pickle.dumps(snap, protocol=4))
+    summary = import_edm_pickle(pkl, tmp_path / "m.safetensors")
+    assert not persistence.sentinel.exists()
+    assert (summary["family"], summary["kind"]) == (("edm2", "pretrain") if writer == "edm2" else ("ect", "tune"))
+    imported, cfg = load_denoiser(tmp_path / "m.safetensors")
+    assert cfg.net.arch == "edm2" and cfg.preset == "imagenet64" and cfg.net.eval_sigma_min == 0
+    assert cfg.net.logvar_channels == (16 if writer == "edm2" else 0)
+    x, sigma, labels = torch.randn(2, 3, 64, 64), torch.tensor([0.002, 80.0]), torch.tensor([1, 9])
+    with torch.no_grad():
+        torch.testing.assert_close(imported(x, sigma, labels), D(x, sigma, labels), rtol=0, atol=1e-6)
+        if writer == "edm2":
+            got, want = imported(x, sigma, labels, return_logvar=True)[1], D(x, sigma, labels, return_logvar=True)[1]
+            torch.testing.assert_close(got, want)
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        about = json.loads(f.metadata()["snapshot"])
+    assert about["network"]["init_kwargs"]["model_channels"] == 8
+    if writer == "edm2":
+        assert about["loss_fn"]["settings"]["P_mean"] == -0.8 and about["dataset_kwargs"]["path"] == "img64.zip"
+
+
+def test_latent_edm2_snapshots_are_refused(persistence, dnnlib, tmp_path):
+    import pickle
+
+    from ectune.errors import EctuneError
+    from ectune.importers import import_edm_pickle
+    D = build_denoiser(tiny_edm2(logvar=16)).eval()
+    pkl = tmp_path / "latent.pkl"
+    pkl.write_bytes(pickle.dumps(edm2_snapshot(D, persistence.module.source, dnnlib, encoder="StabilityVAEEncoder")))
+    with pytest.raises(EctuneError, match="latent space of a StabilityVAEEncoder"):
+        import_edm_pickle(pkl, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
