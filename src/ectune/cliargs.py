@@ -5,6 +5,7 @@ Each refusal is one :class:`EctuneError` that names the user's flag and what to 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -42,6 +43,48 @@ def check_args(args) -> None:
         check_output(args.out, _OUT_SUFFIXES[cmd])
     if cmd == "eval" and args.candidates and not all(math.isfinite(t) for t in args.candidates):
         raise EctuneError(f"--candidates must be finite mid times, got {args.candidates}")
+    if getattr(args, "set", None):
+        args.set = check_overrides(args.set)
+
+
+def check_overrides(items: list[str]) -> list[str]:
+    """--set KEY=VALUE: refuse what the config parser would misreport (unbalanced brackets, nan or inf
+    for a number) and write a list [1,2,2] as the parser reads it, 1,2,2. Unknown keys are left to it."""
+    defaults = dataclasses.asdict(RunConfig())
+    out = []
+    for item in items:
+        out.append(item)
+        key, _, value = item.partition("=")
+        value = value.strip()
+        default = _default_of(defaults, key.strip())
+        if default is None or isinstance(default, str):
+            continue
+        if value.count("[") != value.count("]") or value.count("(") != value.count(")"):
+            raise EctuneError(f"--set {item}: unbalanced brackets; write the whole list, e.g. "
+                              f"--set {key.strip()}={_example(default)} (quote it in zsh)")
+        words = [w.strip().lower().lstrip("+-") for w in value.strip("[]()").split(",")]
+        if any(w in ("nan", "inf", "infinity") for w in words):
+            kind = type(default[0] if isinstance(default, (list, tuple)) else default).__name__
+            raise EctuneError(f"--set {item}: {key.strip()} expects {kind}, and nan and inf are not allowed; "
+                              f"give a finite value, e.g. --set {key.strip()}={_example(default)}")
+        if isinstance(default, (list, tuple)):
+            out[-1] = f"{key}={value.strip('[]()')}"
+    return out
+
+
+def _default_of(defaults: dict, key: str):
+    node = defaults
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return None if isinstance(node, dict) else node
+
+
+def _example(default) -> str:
+    if isinstance(default, (list, tuple)):
+        return "[" + ",".join(map(str, default)) + "]"
+    return str(default)
 
 
 def check_times(ts, t_max: float | None = None) -> None:

@@ -2,8 +2,8 @@
 
 ECT.md §5: the intermediate times of 2-step (k-step) sampling are an open choice (0.821 on CIFAR-10,
 1.526 on ImageNet-64). `search_mid_times` scans candidates on a held-out seed set — seeds that the
-evaluation never uses — and `store_mid_times` writes the best ones into the checkpoint's config, so
-`ectune sample --steps k` uses them from then on.
+evaluation never uses — and `store_mid_times` writes the best ones into a sidecar beside the
+checkpoint's weights (which stay unchanged), so `ectune sample --steps k` uses them from then on.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from safetensors.torch import save
 
 from .atomic import atomic_file
-from .checkpoint import read_weights, resolve_weights
+from .checkpoint import mid_times_file, read_mid_times, resolve_weights
 from .errors import EctuneError
 from .sampling import sample_images
 
@@ -64,46 +63,28 @@ def search_mid_times(D, shape, score: Callable, *, steps: int = 2, candidates: S
     return best, tried
 
 
-def _metadata(f: Path) -> dict[str, str]:
-    from safetensors import safe_open
-    with safe_open(str(f), framework="pt") as handle:
-        return dict(handle.metadata() or {})
-
-
 def stored_mid_times(ckpt, steps: int) -> list[float] | None:
-    """The searched mid times for `steps`-step sampling stored in a weights file, if any."""
-    try:
-        by_steps = json.loads(_metadata(resolve_weights(ckpt)).get("mid_ts_by_steps", "{}"))
-        found = by_steps.get(str(steps))
-    except (json.JSONDecodeError, AttributeError, OSError, ValueError, EctuneError):
-        return None
-    return [float(t) for t in found] if isinstance(found, list) and len(found) == steps - 1 else None
+    """The searched mid times for `steps`-step sampling stored with a checkpoint, if any (the sidecar
+    `mid_times.json`, or the weights' metadata for files written before it). A corrupt sidecar or
+    entry raises EctuneError naming it."""
+    found = read_mid_times(resolve_weights(ckpt)).get(str(steps))
+    return found if found is not None and len(found) == steps - 1 else None
 
 
 def store_mid_times(ckpt, mid_ts: Sequence[float]) -> Path:
-    """Store searched mid times for (len(mid_ts) + 1)-step sampling in the weights file, atomically.
+    """Store searched mid times for (len(mid_ts) + 1)-step sampling beside the weights, atomically.
 
-    They go into the metadata entry "mid_ts_by_steps" (one entry per step count, so a 3-step search
-    does not erase the 2-step times) and, for 2-step times, into the config's sample.mid_ts too.
-    Tensors and every other metadata entry stay as they were. Returns the file.
+    They go into the sidecar (see `checkpoint.mid_times_file`), one entry per step count, so a 3-step
+    search does not erase the 2-step times; the weights file stays byte for byte as it was (its
+    sha256 is the checkpoint's identity in eval provenance). `read_weights` folds the 2-step times
+    into the config's sample.mid_ts. Returns the sidecar.
     """
-    from dataclasses import replace
     f = resolve_weights(ckpt)
-    cfg, tensors, _ = read_weights(f)
-    meta = _metadata(f)
-    mid = [float(t) for t in mid_ts]
-    if len(mid) == 1:
-        cfg = replace(cfg, sample=replace(cfg.sample, mid_ts=tuple(mid)))
+    by_steps = {**read_mid_times(f), str(len(mid_ts) + 1): [float(t) for t in mid_ts]}
+    side = mid_times_file(f)
     try:
-        by_steps = json.loads(meta.get("mid_ts_by_steps", "{}"))
-    except json.JSONDecodeError:
-        by_steps = {}
-    by_steps = {**(by_steps if isinstance(by_steps, dict) else {}), str(len(mid) + 1): mid}
-    meta["config"] = cfg.to_json()
-    meta["mid_ts_by_steps"] = json.dumps(by_steps)
-    try:
-        with atomic_file(f) as out:
-            out.write(save(tensors, metadata=meta))
+        with atomic_file(side) as out:
+            out.write((json.dumps(dict(sorted(by_steps.items())), indent=1) + "\n").encode("utf-8"))
     except OSError as e:
-        raise EctuneError(f"cannot rewrite {f} ({e}); check permissions and free space") from None
-    return f
+        raise EctuneError(f"cannot write {side} ({e}); check permissions and free space") from None
+    return side

@@ -133,9 +133,15 @@ def seeded_noise(seeds: Sequence[int], shape: Sequence[int], count: int = 1, dev
 
 def sample_images(D: Denoiser, seeds: Sequence[int], shape: Sequence[int], *, sampler: str = "consistency",
                   ts: Sequence[float] = (80.0,), heun_steps: int = 18, dpm_nfe: int = 35, class_labels=None,
-                  batch: int = 256, device=None) -> torch.Tensor:
+                  batch: int = 256, device=None, progress=None) -> torch.Tensor:
     """Samples for `seeds` with the named sampler, (N, C, H, W): "consistency" with times `ts`,
-    "heun" with `heun_steps` noise levels, or "dpmpp2m" with `dpm_nfe` network evaluations."""
+    "heun" with `heun_steps` noise levels, or "dpmpp2m" with `dpm_nfe` network evaluations.
+
+    `progress` (e.g. a `progress.Progress` over len(seeds) samples) is advanced after every network
+    call by the fraction of a sample that call stands for, so a bar moves within a batch too."""
+    nfe = _check_sampling(seeds, sampler, ts, heun_steps, dpm_nfe, batch)
+    if progress is not None:
+        D = _counted(D, progress, nfe)
     chunks = []
     for i in range(0, len(seeds), batch):
         part = list(seeds[i:i + batch])
@@ -146,9 +152,29 @@ def sample_images(D: Denoiser, seeds: Sequence[int], shape: Sequence[int], *, sa
         elif sampler == "dpmpp2m":
             (z,) = seeded_noise(part, shape, 1, device)
             chunks.append(dpmpp2m_sampler(D, z, num_steps=dpm_nfe, class_labels=labels).cpu())
-        elif sampler == "consistency":
+        else:
             z, *eps = seeded_noise(part, shape, len(ts), device)
             chunks.append(consistency_sampler(D, z, ts, step_noise=eps, class_labels=labels).cpu())
-        else:
-            raise ValueError(f"unknown sampler {sampler!r}; use 'consistency', 'heun' or 'dpmpp2m'")
     return torch.cat(chunks)
+
+
+def _check_sampling(seeds, sampler: str, ts, heun_steps: int, dpm_nfe: int, batch: int) -> int:
+    """Refuse settings no sampler can run (naming the CLI flag too); return the NFE per sample."""
+    if sampler not in ("consistency", "heun", "dpmpp2m"):
+        raise ValueError(f"unknown sampler {sampler!r}; use 'consistency', 'heun' or 'dpmpp2m' (--sampler)")
+    for name, flag, value in (("batch", "--batch", batch), ("heun_steps", "--num-steps", heun_steps),
+                              ("dpm_nfe", "--nfe", dpm_nfe)):
+        if value < 1:
+            raise ValueError(f"{name} ({flag}) must be >= 1, got {value}")
+    if len(seeds) == 0:
+        raise ValueError("no seeds to sample; ask for at least one sample (--n 1 or more)")
+    return {"heun": heun_nfe(heun_steps), "dpmpp2m": dpmpp_nfe(dpm_nfe)}.get(sampler, len(ts))
+
+
+def _counted(D: Denoiser, progress, nfe: int) -> Denoiser:
+    """D that advances `progress` by len(x) / nfe samples per call."""
+    def counted(x, sigma, *rest, **kw):
+        out = D(x, sigma, *rest, **kw)
+        progress.update(len(x) / nfe)
+        return out
+    return counted

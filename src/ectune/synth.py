@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import __version__
 from .atomic import atomic_file
@@ -36,6 +35,7 @@ from .checkpoint import resolve_weights
 from .errors import EctuneError
 from .images import to_uint8
 from .models import load_denoiser
+from .progress import Progress
 from .sampling import default_consistency_times, sample_images
 
 FORMAT = "ectune-synth-1"
@@ -218,7 +218,7 @@ def _generate(D, parts: Path, manifest: dict, todo: list[int], batch: int, devic
     spec = {"heun": {"sampler": "heun", "heun_steps": manifest["num_steps"]},
             "dpmpp2m": {"sampler": "dpmpp2m", "dpm_nfe": manifest["nfe"]},
             "consistency": {"ts": manifest["ts"]}}[manifest["sampler"]]
-    bar = tqdm(total=manifest["n"], initial=done, disable=not progress, unit="img", dynamic_ncols=True)
+    bar = Progress(manifest["n"], "synth", bar=progress, initial=done)      # --no-progress: a line every ~10%
     written = 0
     try:
         for i in todo:

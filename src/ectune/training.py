@@ -12,6 +12,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,17 @@ def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
     if o.name == "radam":
         return torch.optim.RAdam(params, lr=o.lr, betas=o.betas, eps=o.eps)
     raise EctuneError(f"unknown optimizer {o.name!r}; use optim.name=adam or radam")
+
+
+def check_trainable(cfg: RunConfig, D: torch.nn.Module, n_items: int, device: torch.device) -> None:
+    """Raise the EctuneError that `train` would raise for this config before it trains (precision,
+    optimizer, batch over processes, loss method), so that a bad config is refused before a run
+    folder is made."""
+    autocast_dtype(cfg.engine.precision, device)
+    make_optimizer(cfg, D.parameters())                     # (no state until its first step)
+    BatchSampler(n_items, cfg.batch, cfg.seed, rank=distributed.rank(), world_size=distributed.world_size())
+    if cfg.loss.method not in METHODS:
+        raise EctuneError(f"unknown loss.method {cfg.loss.method!r}; use one of {', '.join(METHODS)}")
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
@@ -127,6 +139,7 @@ class TrainState:
     sampler: BatchSampler
     gen: torch.Generator
     step: int = 0
+    start_step: int = 0                     # the step this command started (or resumed) at
     nonfinite_total: int = 0
     stop_requested: bool = False
     model: torch.nn.Module | None = None    # what the loss calls: D, or D wrapped by DDP / torch.compile
@@ -168,6 +181,9 @@ def restore(ckpt_dir: Path, s: TrainState) -> None:
     ckpt.load_state_checked(s.ema.module, ckpt.split_prefix(tensors, "ema"), str(ckpt_dir))
     st = ckpt.read_train_state(ckpt_dir)
     s.opt.load_state_dict(st["optimizer"])
+    if st["sampler"].get("n") != s.sampler.n:
+        raise ckpt.RunMismatch(f"its checkpoint {ckpt_dir} was trained on {st['sampler'].get('n')} images but the "
+                               f"data has {s.sampler.n}")
     s.sampler.load_state_dict(st["sampler"])
     s.gen.set_state(st["gen"])
     rank = distributed.rank()
@@ -205,8 +221,12 @@ def write_grid(run_dir: Path, cfg: RunConfig, s: TrainState, shape) -> None:
 
 
 def train(cfg: RunConfig, run_dir: Path, ds: ImageDataset, D: torch.nn.Module, *, device: torch.device,
-          progress: bool = True, teacher: torch.nn.Module | None = None) -> TrainState:
+          progress: bool = True, teacher: torch.nn.Module | None = None,
+          on_start: Callable[[TrainState], None] | None = None) -> TrainState:
     """Run (or continue) the training run `cfg` in `run_dir` until `cfg.steps` iterations are done.
+
+    `on_start(state)` runs on rank 0 once the latest checkpoint is restored and before anything in
+    the folder changes, and only when there are steps left to train (`start_step < cfg.steps`).
 
     Under torchrun every process calls this with the same arguments; the global batch `cfg.batch`
     is split across processes (and into `engine.micro_batch` chunks), gradients are averaged by DDP,
@@ -218,10 +238,15 @@ def train(cfg: RunConfig, run_dir: Path, ds: ImageDataset, D: torch.nn.Module, *
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.engine.tf32
     s = new_state(cfg, D, len(ds), device, teacher=teacher)
     torch.manual_seed(cfg.seed + rank)                      # dropout streams differ between ranks
-    ckpts = ckpt.list_checkpoints(run_dir)
+    ckpts = ckpt.checkpoint_folders(run_dir)                # damaged ones too: the latest is never skipped
     if ckpts:
-        with ckpt.resuming(ckpts[-1]):
+        with ckpt.resuming(ckpts[-1], ckpts[-2] if len(ckpts) > 1 else None):
             restore(ckpts[-1], s)
+    s.start_step = s.step
+    if s.step >= cfg.steps:                                 # complete: nothing to do, nothing is changed
+        return s
+    if on_start is not None:
+        distributed.on_main(lambda: on_start(s))
     if distributed.is_main():
         ckpt.trim_log(run_dir, s.step)                      # what was logged after that checkpoint is redone
     s.model = wrap_model(cfg, s.D, device)

@@ -68,7 +68,8 @@ def load_digits() -> ImageDataset:
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError as e:
-        raise EctuneError("dataset 'digits' needs scikit-learn: pip install scikit-learn, or use fashion-mnist") from e
+        raise EctuneError("dataset 'digits' needs scikit-learn, which is not installed: pip install scikit-learn "
+                          "(or use another dataset, e.g. fashion-mnist)") from e
     bunch = sklearn_digits()
     images = np.rint(np.asarray(bunch.images, dtype=np.float64) * (255.0 / 16.0)).astype(np.uint8)
     return _dataset(images[:, None], np.asarray(bunch.target), "digits")

@@ -164,13 +164,13 @@ def _download_one(url: str, target: Path, md5: str) -> None:
         if digest.hexdigest() != md5:
             raise EctuneError(
                 f"checksum mismatch for {url}: md5 {digest.hexdigest()}, expected {md5}; "
-                "the file is corrupt or the mirror is wrong, try again or use another base_url"
+                "the file is corrupt or the mirror is wrong, try again or use another mirror (--base-url)"
             )
         os.replace(tmp, target)
     except (OSError, http.client.HTTPException) as e:
         raise EctuneError(
-            f"could not download {url}: {e}; check the network or pass a mirror as base_url (--base-url), "
-            "or `sudo apt-get install dataset-fashion-mnist`"
+            f"could not download {url}: {e}; check the network, pass a mirror with "
+            "`ectune download fashion-mnist --base-url URL`, or `sudo apt-get install dataset-fashion-mnist`"
         ) from e
     finally:
         tmp.unlink(missing_ok=True)

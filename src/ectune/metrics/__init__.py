@@ -25,6 +25,7 @@ _EXPORTS = {
     "train_classifier": "classifier",
     "classifier_features": "reference",
     "reference_stats": "reference",
+    "images_stats": "reference",
     "fd_against_reference": "reference",
     "real_vs_real_floor": "reference",
     "inception_features": "inception",
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from ectune.metrics.frechet import FeatureStats, frechet_distance, kid, precision_recall
     from ectune.metrics.inception import fid, fid_from_features, inception_features, inception_reference_stats
     from ectune.metrics.reference import (
-        classifier_features, fd_against_reference, real_vs_real_floor, reference_stats,
+        classifier_features, fd_against_reference, images_stats, real_vs_real_floor, reference_stats,
     )
 
 

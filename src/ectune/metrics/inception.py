@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ectune.errors import EctuneError
+from ectune.progress import Progress
 from ectune.metrics.frechet import FeatureStats, _as_features, frechet_distance
 from ectune.metrics.reference import _save_npz, default_stats_dir
 
@@ -151,13 +151,14 @@ def preprocess(images_uint8: torch.Tensor) -> torch.Tensor:
 
 
 # --- features and statistics
-def _feature_batches(images, batch: int, device, weights, progress: bool) -> Iterator[np.ndarray]:
-    """Features float64 (b, 2048) of successive batches of uint8 images (N, C, H, W)."""
+def _feature_batches(images, batch: int, device, weights, progress, desc: str = "inception") -> Iterator[np.ndarray]:
+    """Features float64 (b, 2048) of successive batches of uint8 images (N, C, H, W); `progress`:
+    True a bar, "lines" a line on stderr every ~10% (`--no-progress`), False nothing."""
     x = _check_images(images)
     if batch < 1:
         raise EctuneError(f"batch must be >= 1, got {batch}")
     net = load_inception(weights, device)
-    with torch.inference_mode(), tqdm(total=len(x), disable=not progress, unit="img", desc="inception") as bar:
+    with torch.inference_mode(), Progress(len(x), desc, bar=progress != "lines", quiet=not progress) as bar:
         for i in range(0, len(x), batch):
             part = preprocess(x[i : i + batch].to(device))
             feats = net(part)  # (b, 2048) for the FID network
@@ -178,10 +179,11 @@ def inception_features(images_uint8, batch: int = 50, device: str | torch.device
 
 
 def inception_stats(images_uint8, batch: int = 50, device: str | torch.device = "cpu", *,
-                    weights: str | Path | None = None, progress: bool = False) -> FeatureStats:
+                    weights: str | Path | None = None, progress: bool | str = False,
+                    desc: str = "inception") -> FeatureStats:
     """FeatureStats of the images' Inception features, accumulated batch by batch."""
     stats = FeatureStats()
-    for feats in _feature_batches(images_uint8, batch, device, weights, progress):
+    for feats in _feature_batches(images_uint8, batch, device, weights, progress, desc):
         stats.update(feats)
     return stats
 
@@ -219,7 +221,8 @@ def inception_reference_stats(dataset, *, weights: str | Path | None = None, bat
     cached = _read_cache(path, net_hash, data_hash)
     if cached is not None:
         return cached
-    stats = inception_stats(images, batch, device, weights=weights, progress=progress)
+    stats = inception_stats(images, batch, device, weights=weights, progress=progress,
+                            desc="inception features of the reference")
     mu, sigma = stats.mean_cov()
     _save_npz(path, mu=mu, sigma=sigma, count=np.array(stats.count), features_version=np.array(FEATURES_VERSION),
               network_sha256=np.array(net_hash), dataset_sha256=np.array(data_hash))
@@ -258,5 +261,6 @@ def fid(images_uint8, reference, *, weights: str | Path | None = None, batch: in
     else:
         mu_r, sigma_r = inception_reference_stats(reference, weights=weights, batch=batch, device=device,
                                                   cache_dir=cache_dir, progress=progress)
-    mu, sigma = inception_stats(images_uint8, batch, device, weights=weights, progress=progress).mean_cov()
+    mu, sigma = inception_stats(images_uint8, batch, device, weights=weights, progress=progress,
+                                desc="inception features of the samples").mean_cov()
     return frechet_distance(mu, sigma, mu_r, sigma_r)

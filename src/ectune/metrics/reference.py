@@ -55,6 +55,8 @@ def classifier_features(images, classifier: FMNISTClassifier | None = None, batc
     classifier None uses the shipped weights (`load_classifier()`); it must be in eval mode.
     """
     model = _cached_classifier(None) if classifier is None else classifier
+    if batch < 1:
+        raise EctuneError(f"batch must be >= 1, got {batch}")
     if model.training:
         raise EctuneError("the classifier is in training mode (BatchNorm/dropout active); call .eval() first")
     x = _to_unit_range(images)
@@ -100,6 +102,14 @@ def reference_stats(split: str = "test", limit: int | None = None, classifier_pa
     from ectune.data import load_fashion_mnist
 
     images = load_fashion_mnist(split=split).images[:limit]
+    return images_stats(images, split, classifier_path=classifier_path, cache_dir=cache_dir)
+
+
+def images_stats(images, name: str = "", classifier_path: str | Path | None = None,
+                 cache_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mu, sigma, feats) float64 of real uint8 images (N, 1, 28, 28) (e.g. a class subset of a
+    Fashion-MNIST split, `name` recorded in the cache file), cached as `reference_stats` is."""
+    images = torch.as_tensor(images)
     data_hash = hashlib.sha256(images.numpy().tobytes()).hexdigest()
     clf_hash = classifier_hash(classifier_path)
     key = hashlib.sha256(f"{FEATURES_VERSION}|{clf_hash}|{data_hash}".encode()).hexdigest()
@@ -110,7 +120,7 @@ def reference_stats(split: str = "test", limit: int | None = None, classifier_pa
     path_arg = None if classifier_path is None else str(Path(classifier_path).resolve())
     feats = classifier_features(images, _cached_classifier(path_arg))
     mu, sigma = _stats_of(feats)
-    _save_npz(path, mu=mu, sigma=sigma, feats=feats.astype(np.float32), split=np.array(split),
+    _save_npz(path, mu=mu, sigma=sigma, feats=feats.astype(np.float32), split=np.array(name),
               features_version=np.array(FEATURES_VERSION), classifier_sha256=np.array(clf_hash),
               dataset_sha256=np.array(data_hash))
     return mu, sigma, feats  # features are float32 values, so the float32 cache is lossless
