@@ -206,7 +206,7 @@ def _tune_base(args):
     if args.teacher is not None:
         t_cfg, tensors, _ = read_weights(args.teacher)
         # (a run already in --out is continued as it was created; for CD, _prepare_run refuses another teacher)
-        if t_cfg.kind == "tune" and args.method in ("ect", "cd") and not (Path(args.out) / "config.json").is_file():
+        if t_cfg.kind == "tune" and args.method in ("ect", "sct", "cd") and not (Path(args.out) / "config.json").is_file():
             raise EctuneError(f"--teacher {args.teacher} is already a consistency model; --method {args.method} "
                               "needs a diffusion teacher: pass the pretrain run (or weights) it was tuned from")
         base = preset(args.preset or t_cfg.preset, "tune")
@@ -223,8 +223,9 @@ def cmd_tune(args) -> None:
     from .models import build_denoiser, resolve_device, student_from
     base, tensors, teacher = _tune_base(args)
     cfg = _configure(args, _method_config(base, args.method))
-    if cfg.loss.method not in ("ect", "ict", "cd"):
-        raise EctuneError(f"tune trains a consistency model: loss.method must be ect, ict or cd, not {cfg.loss.method!r}")
+    if cfg.loss.method not in ("ect", "sct", "ict", "cd"):
+        raise EctuneError("tune trains a consistency model: loss.method must be ect, sct, ict or cd, "
+                          f"not {cfg.loss.method!r}")
     if cfg.kind != "tune":
         raise EctuneError(f"tune trains a consistency model, so --set kind={cfg.kind} is refused; "
                           "use `ectune pretrain` to train a diffusion model")
@@ -504,8 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="Easy Consistency Tuning from a teacher's EMA weights (or the baselines)")
     p.add_argument("--teacher", help="teacher run folder or weights file (iCT: optional, gives the architecture; "
                    "--method cd also takes a diffusers UNet2DModel DDPM folder)")
-    p.add_argument("--method", default="ect", choices=["ect", "ict", "cd"],
-                   help="ect: tune the teacher (default); ict: consistency training from random init "
+    p.add_argument("--method", default="ect", choices=["ect", "sct", "ict", "cd"],
+                   help="ect: tune the teacher (default); sct: ECT with a variance-reduced r-point "
+                        "(loss.sct_refs reference images); ict: consistency training from random init "
                         "(iCT schedule); cd: consistency distillation from the frozen teacher")
     _add_run_args(p)
     p.set_defaults(func=cmd_tune)

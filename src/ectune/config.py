@@ -42,8 +42,9 @@ class NetConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The training objective: EDM pretraining ("edm"), Easy Consistency Tuning ("ect"), and the
-    baselines consistency training from scratch ("ict", iCT's schedule) and distillation ("cd")."""
+    """The training objective: EDM pretraining ("edm"), Easy Consistency Tuning ("ect"), ECT with a
+    variance-reduced r-point ("sct"), and the baselines consistency training from scratch ("ict",
+    iCT's schedule) and distillation ("cd")."""
     method: str = "edm"
     P_mean: float = -1.2                    # ln σ ~ N(P_mean, P_std²)
     P_std: float = 1.2
@@ -58,6 +59,7 @@ class LossConfig:
     ict_s1: int = 1280
     ict_total_steps: int = 0                # iCT curriculum length K (0: the run's steps; frozen at creation)
     cd_solver: str = "heun"                 # CD: the teacher's ODE step from t to r ("heun" | "euler")
+    sct_refs: int = 512                     # SCT: training images per iteration in the E[x0 | x_t] estimate
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ def read_config(path) -> RunConfig:
 _AT_LEAST = {"batch": 1, "steps": 1, "ckpt_every": 1, "sample_every": 1, "log_every": 1, "keep_ckpts": 0,
              "max_nonfinite": 1, "net.model_channels": 1, "net.channel_mult_emb": 1, "net.num_blocks": 1,
              "net.img_resolution": 1, "net.in_channels": 1, "net.label_dim": 0, "loss.stages": 1,
-             "loss.stage_iters": 0, "optim.lr": 0, "optim.warmup_steps": 0, "optim.lr_ref_steps": 0,
+             "loss.stage_iters": 0, "loss.sct_refs": 0, "optim.lr": 0, "optim.warmup_steps": 0, "optim.lr_ref_steps": 0,
              "sample.heun_steps": 1, "sample.grid": 1}
 
 

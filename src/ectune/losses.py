@@ -111,6 +111,49 @@ def ect_loss(D: Denoiser, x0: torch.Tensor, t: torch.Tensor, r: torch.Tensor, no
 
 
 @torch.no_grad()
+def stf_clean_estimate(x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, refs: torch.Tensor, *,
+                       labels: torch.Tensor | None = None, ref_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The "stable target field" estimate of E[x0 | x_t] (Xu et al. 2023), (B, C, H, W).
+
+    x̂0 = Σ_j w_j x⁽ʲ⁾ over the references {x0 (the sample's own), refs_1 … refs_K} with
+    w = softmax_j(−‖x_t − x⁽ʲ⁾‖²/2t²): the posterior mean of x0 given x_t = x0 + t·ε when x0 is drawn
+    from those references. With `labels`, only references of the sample's own class count. float64.
+    """
+    xt, own = x_t.flatten(1).double(), x0.flatten(1).double()                 # (B, D)
+    pool = refs.flatten(1).double()                                             # (K, D)
+    t2 = 2 * t.double().reshape(-1, 1) ** 2                                     # (B, 1)
+    d_own = (xt - own).pow(2).sum(1, keepdim=True)                              # (B, 1)
+    d_ref = torch.cdist(xt, pool, compute_mode="donot_use_mm_for_euclid_dist").pow(2)   # (B, K), no cancellation
+    logits = torch.cat([-d_own, -d_ref], dim=1) / t2                            # (B, 1 + K)
+    if labels is not None and ref_labels is not None:
+        other = labels.reshape(-1, 1) != ref_labels.reshape(1, -1)
+        logits[:, 1:] = logits[:, 1:].masked_fill(other, float("-inf"))
+    w = logits.softmax(dim=1)
+    x0_hat = w[:, :1] * own + w[:, 1:] @ pool
+    return x0_hat.reshape(x_t.shape).to(x_t.dtype)
+
+
+def sct_loss(D: Denoiser, x0: torch.Tensor, t: torch.Tensor, r: torch.Tensor, noise: torch.Tensor,
+             refs: torch.Tensor, *, ref_labels=None, c: float = 0.0, weighting: str = "inv_dt",
+             sigma_data: float = 0.5, class_labels=None) -> torch.Tensor:
+    """ECT with a variance-reduced r-point (SCT, Wang, Geng & Li 2024, on top of ECT), (B,).
+
+    x_r = x_t − (t − r)·(x_t − x̂0)/t, one PF-ODE Euler step from x_t with the clean estimate x̂0 of
+    :func:`stf_clean_estimate` instead of the single sample x0 (one-hot weights give ECT's x0 + r·ε).
+    Where r = 0 the target is x_r = x̂0. Distance and weighting as in :func:`ect_loss`.
+    """
+    if not bool((r < t).all()) or not bool((r >= 0).all()):
+        raise ValueError("sct_loss needs 0 <= r < t for every sample")
+    x_t = x0 + _bcast(t) * noise
+    labels = class_labels if class_labels is None or class_labels.ndim == 1 else class_labels.argmax(1)
+    x0_hat = stf_clean_estimate(x_t, t, x0, refs, labels=labels, ref_labels=ref_labels)
+    x_r = x_t - _bcast((t - r) / t) * (x_t - x0_hat)
+    online, target = consistency_pair(D, x_t, t, x_r, r, class_labels=class_labels)
+    d = pseudo_huber(_sum_pixels((online - target) ** 2), c)
+    return ect_weight(t, r, weighting, sigma_data) * d
+
+
+@torch.no_grad()
 def teacher_ode_step(teacher: Denoiser, x_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor, *,
                      solver: str = "heun", class_labels=None) -> torch.Tensor:
     """One PF-ODE step of a frozen diffusion teacher from (x_t, t) down to r, per sample (CD's x_r).

@@ -7,6 +7,7 @@ Checkpoints carry everything needed to continue: weights, EMA, optimizer, RNG an
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -26,7 +27,7 @@ from .data import BatchSampler, ImageDataset
 from .ema import EMA
 from .errors import EctuneError
 from .images import save_samples
-from .losses import cd_loss, ect_loss, edm2_loss, edm_loss
+from .losses import cd_loss, ect_loss, edm2_loss, edm_loss, sct_loss
 from .sampling import default_consistency_times, sample_images
 from .schedules import ect_r, ect_stage, ict_num_levels, ict_t_r, lognormal_sigma
 
@@ -62,7 +63,7 @@ def lr_at(cfg: RunConfig, step: int) -> float:
     return lr
 
 
-METHODS = ("edm", "ect", "ict", "cd")
+METHODS = ("edm", "ect", "sct", "ict", "cd")
 
 
 @dataclass
@@ -76,13 +77,23 @@ class Draws:
     r: torch.Tensor | None
     noise: torch.Tensor
     info: dict
+    refs: torch.Tensor | None = None        # SCT: dataset indices of the iteration's reference images
+    ref_images: torch.Tensor | None = None  # ... and those images in [-1, 1] (with their labels), shared by all rows
+    ref_labels: torch.Tensor | None = None
 
     def rows(self, lo: int, hi: int) -> "Draws":
         r = None if self.r is None else self.r[lo:hi]
-        return Draws(self.step, self.t[lo:hi], r, self.noise[lo:hi], self.info)
+        return dataclasses.replace(self, t=self.t[lo:hi], r=r, noise=self.noise[lo:hi])
+
+    def with_refs(self, images: torch.Tensor, labels: torch.Tensor | None) -> "Draws":
+        """The reference images (and labels) of `refs`, from the run's uint8 dataset."""
+        if self.refs is None:
+            return self
+        return dataclasses.replace(self, ref_images=images[self.refs].to(torch.float32) / 127.5 - 1,
+                                   ref_labels=None if labels is None else labels[self.refs])
 
 
-def draw(cfg: RunConfig, n: int, shape, step: int, gen: torch.Generator) -> Draws:
+def draw(cfg: RunConfig, n: int, shape, step: int, gen: torch.Generator, n_items: int = 0) -> Draws:
     """Iteration `step`'s draws for n samples of `shape`. ECT and CD share the (t, r) schedule
     (lognormal t, ECT's mapping function); iCT draws discrete Karras pairs with a doubling number of
     levels; EDM needs only σ."""
@@ -97,10 +108,13 @@ def draw(cfg: RunConfig, n: int, shape, step: int, gen: torch.Generator) -> Draw
     else:
         t = lognormal_sigma(n, L.P_mean, L.P_std, generator=gen, device=dev)
     noise = torch.randn((n, *shape), generator=gen, device=dev)
-    if L.method in ("ect", "cd"):
+    refs = None
+    if L.method in ("ect", "sct", "cd"):
         stage = ect_stage(step, cfg.stage_iters)
         r, info = ect_r(t, stage, q=L.q, k=L.k, b=L.b), {"stage": stage}
-    return Draws(step, t, r, noise, info)
+    if L.method == "sct" and L.sct_refs:       # the same references for every row, rank and micro-batch
+        refs = torch.randint(n_items, (L.sct_refs,), generator=gen, device=dev)
+    return Draws(step, t, r, noise, info, refs)
 
 
 def batch_loss(cfg: RunConfig, D, x0, labels, d: Draws, teacher=None) -> torch.Tensor:
@@ -112,6 +126,9 @@ def batch_loss(cfg: RunConfig, D, x0, labels, d: Draws, teacher=None) -> torch.T
         return loss(D, x0, d.t, d.noise, sigma_data=cfg.net.sigma_data, class_labels=labels)
     if L.method in ("ect", "ict"):
         return ect_loss(D, x0, d.t, d.r, d.noise, **kw)
+    if L.method == "sct":
+        refs = x0[:0] if d.ref_images is None else d.ref_images
+        return sct_loss(D, x0, d.t, d.r, d.noise, refs, ref_labels=d.ref_labels, **kw)
     if teacher is None:
         raise EctuneError("loss.method=cd needs a frozen teacher; pass --teacher")
     return cd_loss(D, teacher, x0, d.t, d.r, d.noise, solver=L.cd_solver, **kw)
@@ -315,7 +332,7 @@ def _accumulate(cfg, s: TrainState, images, labels, idx, amp_dtype) -> tuple[tor
     """
     world, local = distributed.world_size(), idx.shape[0]
     lo = distributed.rank() * local
-    d = draw(cfg, cfg.batch, tuple(images.shape[1:]), s.step, s.gen)
+    d = draw(cfg, cfg.batch, tuple(images.shape[1:]), s.step, s.gen, n_items=images.shape[0]).with_refs(images, labels)
     micro = cfg.engine.micro_batch if cfg.engine.micro_batch > 0 else local
     total = torch.zeros((), device=images.device)
     for a in range(0, local, micro):

@@ -1,0 +1,169 @@
+"""Quality per tuning image beyond exact ECT, side by side at one budget (issue #17).
+
+    .venv/bin/python benchmarks/beyond_ect.py --steps 400 --batch 64 --seeds 0,1 --n 1000 --n-search 500
+
+Every recipe tunes the shipped Fashion-MNIST teacher for the same images (--steps × --batch) on each
+seed; 1- and 2-step samples are scored on the same --n seeds (classifier FD against the test set),
+the mid time searched on --n-search held-out seeds (ect_benchmark's search and grid). Recipes:
+
+    ect          exact ECT (`--method ect`, the fmnist tune preset)
+    sct          the variance-reduced r-point (`--method sct`, 512 reference images per iteration)
+    ect-pm06     exact ECT with ln t ~ N(-0.6, 2²)
+    sct-pm06     both
+
+Each finished run and row is cached (runs in --runs, rows in --out/rows): run the same command again
+to continue. Writes --out/results.json, --out/table.md, --out/beyond_ect.png and the issue's keys
+(<method>_2step_fd, <method>_1step_fd, <method>_iter_over_edm_iter, best_method) into
+benchmarks/results/summary.json, beside the main benchmark's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ect_benchmark import SHAPE, Cache, consistency_rows
+from ectune.cli import main as ectune
+from ectune.evaluate import reference
+
+RECIPES = {
+    "ect": ("ect", []),
+    "sct": ("sct", []),
+    "ect-pm06": ("ect", ["loss.P_mean=-0.6"]),
+    "sct-pm06": ("sct", ["loss.P_mean=-0.6"]),
+}
+
+
+def tune(runs: Path, name: str, teacher: str, method: str, sets: list[str], steps: int, batch: int,
+         seed: int) -> Path:
+    out = runs / f"{name}-{steps}-s{seed}"
+    if (out / "checkpoints" / f"{steps:08d}").is_dir():        # finished: skip the run folder's lock
+        return out
+    args = ["tune", "--method", method, "--teacher", teacher, "--data", "fashion-mnist", "--preset", "fmnist",
+            "--steps", str(steps), "--batch", str(batch), "--seed", str(seed), "--set", "ckpt_every=50",
+            "--set", f"sample_every={steps}", "--set", "log_every=10", "--out", str(out), "--no-progress"]
+    for s in sets:
+        args += ["--set", s]
+    if ectune(args) != 0:
+        raise SystemExit(f"ectune tune failed: {' '.join(args)}")
+    return out
+
+
+def iteration_seconds(teacher: str, method: str, batch: int, iters: int = 8) -> float:
+    """Median seconds of one training iteration of `method` ("edm" = pretraining) on the teacher's network."""
+    from ectune.config import preset
+    from ectune.models import load_denoiser
+    from ectune.training import iteration, new_state, update
+    D, t_cfg = load_denoiser(teacher)
+    kind = "pretrain" if method == "edm" else "tune"
+    base = preset("fmnist", kind)
+    cfg = replace(base, batch=batch, net=t_cfg.net, loss=replace(base.loss, method=method))
+    images = torch.randint(0, 256, (4 * batch, *SHAPE), dtype=torch.uint8)
+    s = new_state(cfg, D.train(), len(images), torch.device("cpu"))
+    times = []
+    for _ in range(iters + 2):
+        t0 = time.perf_counter()
+        iteration(cfg, s, images, None, None)
+        update(cfg, s)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[2:]))
+
+
+def summarise(rows: dict, cost: dict) -> dict:
+    """Per recipe: mean and spread over seeds of the 1- and 2-step FD, and the iteration cost."""
+    out = {}
+    for name, per_seed in rows.items():
+        two = [r["2step"]["fd"] for r in per_seed.values()]
+        one = [r["1step"]["fd"] for r in per_seed.values()]
+        out[name] = {"2step_fd": float(np.mean(two)), "1step_fd": float(np.mean(one)),
+                     "2step_fd_seeds": two, "1step_fd_seeds": one,
+                     "mid_ts": {s: r["mid_ts"] for s, r in per_seed.items()},
+                     "train_seconds": [r["train_seconds"] for r in per_seed.values()],
+                     "iter_over_edm_iter": cost[RECIPES[name][0]] / cost["edm"]}
+    return out
+
+
+def write_outputs(out: Path, summary: dict, args) -> None:
+    (out / "results.json").write_text(json.dumps({"command": vars(args), "recipes": summary}, indent=1))
+    lines = ["| recipe | 2-step FD (seeds) | 1-step FD (seeds) | iteration / EDM iteration |", "|---|---|---|---|"]
+    for name, r in summary.items():
+        two = " / ".join(f"{v:.1f}" for v in r["2step_fd_seeds"])
+        one = " / ".join(f"{v:.1f}" for v in r["1step_fd_seeds"])
+        lines.append(f"| {name} | {r['2step_fd']:.1f} ({two}) | {r['1step_fd']:.1f} ({one}) | "
+                     f"{r['iter_over_edm_iter']:.2f} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    best = min(summary, key=lambda n: summary[n]["2step_fd"])
+    path = Path("benchmarks/results/summary.json")
+    keys = json.loads(path.read_text()) if path.exists() else {}
+    for name, r in summary.items():
+        key = name.replace("-", "_")
+        keys.update({f"{key}_2step_fd": r["2step_fd"], f"{key}_1step_fd": r["1step_fd"],
+                     f"{key}_iter_over_edm_iter": r["iter_over_edm_iter"]})
+    keys["best_method"] = best
+    keys["beyond_ect_budget_images"] = args.steps * args.batch
+    path.write_text(json.dumps(keys, indent=1))
+    plot(out / "beyond_ect.png", summary, args)
+
+
+def plot(path: Path, summary: dict, args) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "2step", "2 steps"), (axes[1], "1step", "1 step")):
+        for i, (name, r) in enumerate(summary.items()):
+            vals = r[f"{key}_fd_seeds"]
+            ax.scatter([i] * len(vals), vals, color="C0")
+            ax.bar(i, np.mean(vals), color="C0", alpha=0.3)
+        ax.set_xticks(range(len(summary)), list(summary), rotation=20)
+        ax.set_ylabel("classifier FD (lower is better)")
+        ax.set_title(f"{title}, {args.steps * args.batch / 1000:.1f}k tuning images, dots = seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    from ectune.demo import shipped_teacher
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results/beyond")
+    ap.add_argument("--runs", default="runs/beyond")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--recipes", default=",".join(RECIPES))
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--n-search", type=int, default=500)
+    ap.add_argument("--teacher", default=str(shipped_teacher()))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (one per process: run recipes in "
+                    "two shells with --recipes to use two cores)")
+    ap.add_argument("--no-cost", action="store_true", help="skip the iteration-cost timing and the outputs "
+                    "(for a process that runs while another one does: timings would be skewed)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out, runs, cache = Path(args.out), Path(args.runs), Cache(Path(args.out))
+    torch.manual_seed(0)
+    ref, seeds = reference(), list(range(args.n))
+    rows: dict = {}
+    for name in args.recipes.split(","):
+        method, sets = RECIPES[name]
+        for seed in (int(s) for s in args.seeds.split(",")):
+            run = tune(runs, name, args.teacher, method, sets, args.steps, args.batch, seed)
+            rows.setdefault(name, {})[seed] = consistency_rows(cache, run, f"{name}-{args.steps}-s{seed}", seeds,
+                                                               ref, args.n_search)
+    if args.no_cost:
+        return
+    methods = {"edm"} | {RECIPES[n][0] for n in rows}
+    cost = {m: cache.get(f"iter-{m}-b{args.batch}", lambda m=m: {"s": iteration_seconds(args.teacher, m, args.batch)})
+            ["s"] for m in sorted(methods)}
+    write_outputs(out, summarise(rows, cost), args)
+
+
+if __name__ == "__main__":
+    main()
