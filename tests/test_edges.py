@@ -173,3 +173,35 @@ def test_help_shows_defaults(cmd, capsys):
     assert "(default: auto)" in out, out
     if cmd in ("sample", "eval"):
         assert "(default: 18)" in out and "(default: ema)" in out
+
+
+def test_cond_with_sparse_label_values_is_refused(runs, tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "sparse.npz", images=rng.integers(0, 256, (8, 28, 28), dtype=np.uint8),
+             labels=np.array([0, 1, 10**6, 0, 1, 10**6, 0, 1]))
+    args = ["pretrain", "--preset", "tiny", "--data", str(tmp_path / "sparse.npz"), "--cond",
+            "--out", str(tmp_path / "out"), *FAST]
+    _refused(args, runs, tmp_path, capsys, "--cond", "up to 1000000", "renumber")
+
+
+def test_a_full_disk_during_a_grid_write_warns_and_training_goes_on(runs, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import ectune.training as training
+
+    def full(*_args, **_kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(training, "save_samples", full)
+    out = tmp_path / "run"
+    assert main(["pretrain", "--preset", "tiny", "--data", str(runs / "plain.npz"), "--out", str(out),
+                 "--steps", "2", "--set", "sample_every=1", *FAST]) == 0
+    err = capsys.readouterr().err
+    assert "could not write the step-1 sample grid" in err and "No space left" in err and "Traceback" not in err
+    assert (out / "checkpoints" / "00000002" / "model.safetensors").is_file()
+
+
+def test_the_mid_time_search_reports_progress(runs, tmp_path, capsys):
+    assert main(["eval", "--ckpt", str(runs / "tuned"), "--n", "4", "--steps", "2", "--search-mid-t",
+                 "--candidates", "0.5", "2", "--search-n", "4", "--ref-data", "fashion-mnist", "--no-progress",
+                 "--out", str(tmp_path / "e.json")]) == 0
+    assert "mid-time search: 8/8" in capsys.readouterr().err

@@ -149,6 +149,8 @@ def cmd_pretrain(args) -> None:
     ds = _load_data(cfg.data)
     if args.cond and ds.labels is None:
         raise EctuneError(f"--cond needs class labels but --data {cfg.data} has none; drop --cond or use labelled data")
+    if args.cond:
+        _check_label_values(ds, cfg.data)
     label_dim = ds.num_classes if args.cond else cfg.net.label_dim
     if label_dim and ds.labels is None:
         raise EctuneError(f"--cond needs class labels but {cfg.data} has none")
@@ -169,6 +171,16 @@ def _method_config(cfg: RunConfig, method: str) -> RunConfig:
         return replace(cfg, loss=replace(cfg.loss, method="ict", P_mean=-1.1, P_std=2.0, weighting="inv_dt",
                                          c=0.00054 * math.sqrt(dim)))
     return replace(cfg, loss=replace(cfg.loss, method=method))
+
+
+def _check_label_values(ds, spec: str) -> None:
+    """A conditional network has one label embedding per value up to the largest: refuse labels that
+    are far sparser than 0..C-1 (a class subset such as [classes=8,9] is fine)."""
+    distinct = int(ds.labels.unique().numel())
+    if ds.num_classes > 4 * distinct + 16:
+        raise EctuneError(f"--cond: --data {spec} has labels up to {ds.num_classes - 1} but only {distinct} distinct "
+                          f"values, so the network would need {ds.num_classes} label embeddings; renumber the "
+                          "labels 0..C-1")
 
 
 def _freeze_schedule(cfg: RunConfig, out: Path) -> RunConfig:
@@ -350,10 +362,13 @@ def _search_mid_t(args, D, cfg, shape, sampler, seeds, score, ref, device) -> di
         raise EctuneError(f"evaluation seeds must stay below {HELDOUT_SEED0}, where the held-out search seeds start")
     cands = args.candidates or candidate_grid(0.1, 10.0, 13)
     from .evaluate import fd_only
-    best, tried = search_mid_times(D, shape, (lambda x: score(x)["fid"]) if args.metric == "inception" else
-                                   (lambda x: fd_only(x, ref)),
-                                   steps=args.steps, candidates=cands, seeds=held, t_max=cfg.sample.t_max,
-                                   batch=args.batch, device=device, class_labels=_labels(cfg, held))
+    from .progress import Progress
+    with Progress(len(cands) * len(held) * (args.steps - 1), "mid-time search", bar=not args.no_progress) as bar:
+        best, tried = search_mid_times(D, shape, (lambda x: score(x)["fid"]) if args.metric == "inception" else
+                                       (lambda x: fd_only(x, ref)),
+                                       steps=args.steps, candidates=cands, seeds=held, t_max=cfg.sample.t_max,
+                                       batch=args.batch, device=device, class_labels=_labels(cfg, held),
+                                       progress=bar)
     stored = store_mid_times(args.ckpt, best)
     print(f"best mid times {[round(t, 4) for t in best]} on {len(held)} held-out seeds; stored in {stored}")
     return {"mid_ts": best, "heldout_seeds": [held[0], held[-1] + 1], "tried": tried}

@@ -29,11 +29,12 @@ def candidate_grid(lo: float = 0.1, hi: float = 10.0, count: int = 9) -> list[fl
 
 def search_mid_times(D, shape, score: Callable, *, steps: int = 2, candidates: Sequence[float] | None = None,
                      seeds: Sequence[int] | None = None, t_max: float = 80.0, batch: int = 500, device=None,
-                     class_labels=None) -> tuple[list[float], list[dict]]:
+                     class_labels=None, progress=None) -> tuple[list[float], list[dict]]:
     """Best mid times for `steps`-step sampling by `score(samples) -> lower is better`.
 
     steps = 2 scans each candidate t_1; steps > 2 searches coordinate-wise, one mid time at a time
     from the left, keeping the times decreasing. Returns (best mid times, every tried row).
+    `progress` (a `progress.Progress`) is advanced by one per sample drawn.
     """
     if steps < 2:
         raise EctuneError("a mid-time search needs --steps 2 or more")
@@ -47,7 +48,7 @@ def search_mid_times(D, shape, score: Callable, *, steps: int = 2, candidates: S
     def evaluate(mid: tuple[float, ...]) -> float:
         if mid not in cache:
             x = sample_images(D, seeds, shape, ts=[t_max, *mid], batch=batch, device=device,
-                              class_labels=class_labels)
+                              class_labels=class_labels, progress=progress)
             cache[mid] = float(score(x))
             tried.append({"mid_ts": list(mid), "score": cache[mid]})
         return cache[mid]

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -222,7 +223,17 @@ def grads_finite(params) -> bool:
 
 
 def write_grid(run_dir: Path, cfg: RunConfig, s: TrainState, shape) -> None:
-    """Interval sample grids from the EMA weights: Heun for pretraining, 1- and 2-step for tuning."""
+    """Interval sample grids from the EMA weights: Heun for pretraining, 1- and 2-step for tuning.
+    A grid that cannot be written (a full disk) is reported in one line and training goes on: grids
+    are for looking at, the checkpoints are what a run needs."""
+    try:
+        _write_grid(run_dir, cfg, s, shape)
+    except OSError as e:
+        print(f"ectune: warning: could not write the step-{s.step} sample grid in {run_dir / 'samples'} "
+              f"({e.strerror or e}); training goes on", file=sys.stderr, flush=True)
+
+
+def _write_grid(run_dir: Path, cfg: RunConfig, s: TrainState, shape) -> None:
     seeds = list(range(cfg.sample.grid))
     D, dev = s.ema.module, s.gen.device
     labels = torch.tensor(seeds) % cfg.net.label_dim if cfg.net.label_dim else None
