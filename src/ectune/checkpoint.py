@@ -269,9 +269,10 @@ def resuming(ckpt_dir: Path, before: Path | None = None):
         raise EctuneError(f"cannot resume from {ckpt_dir} ({type(e).__name__}: {e}); {hint}") from None
 
 
-def trim_log(run_dir: Path, step: int) -> None:
-    """Drop the log records after `step` (written after the checkpoint a run resumes from) and torn lines."""
-    path = Path(run_dir) / "log.jsonl"
+def trim_log(run_dir: Path, step: int, name: str = "log.jsonl") -> None:
+    """Drop the records of RUN/`name` after `step` (written after the checkpoint a run resumes from)
+    and torn lines."""
+    path = Path(run_dir) / name
     if not path.is_file():
         return
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)

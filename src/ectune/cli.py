@@ -25,7 +25,7 @@ _LOCKS: list[int] = []     # file descriptors of the run folders this process ho
 
 # Fields that may change when a run is continued (budget and cadence), not what it is.
 _RESUMABLE = {"steps", "ckpt_every", "sample_every", "log_every", "keep_ckpts", "max_nonfinite", "teacher", "data",
-              "engine"}
+              "engine", "eval"}
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -473,6 +473,11 @@ def cmd_import(args) -> None:
           f"data {r['data'] or 'unset (pass --data to tune)'}{notes}")
 
 
+def cmd_report(args) -> None:
+    from .report import write_report
+    print(f"wrote {write_report(args.run)}")
+
+
 def cmd_export(args) -> None:
     from .importers import export_weights
     print(f"wrote {args.weights} weights -> {export_weights(args.ckpt, args.out, args.weights)}")
@@ -597,6 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "networks)")
     p.add_argument("--data", help="dataset spec recorded for `ectune tune` (default cifar10 for 32x32 RGB)")
     p.set_defaults(func=cmd_import)
+    p = sub.add_parser("report", help="turn a run folder into report.md with loss and quality plots")
+    p.add_argument("run", help="a pretrain or tune run folder (its --out)")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("export", help="write one set of weights + config as a standalone .safetensors")
     p.add_argument("--ckpt", required=True,
                    help="run folder, checkpoint folder, .safetensors file or diffusers UNet2DModel DDPM folder")

@@ -88,6 +88,18 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """In-loop evaluation: every `every_kimg` thousand training images (0: off) and at the end, `n`
+    samples on seeds 0..n-1 from the EMA weights ("ema") or both ("both": also the online weights),
+    scored with `metric` ("classifier" | "inception"): 1 and 2 consistency steps at the stored mid
+    time for a tuning run, Heun at sample.heun_steps for pretraining. Rows go to metrics.jsonl."""
+    every_kimg: float = 0.0
+    n: int = 1000
+    metric: str = "classifier"
+    weights: str = "ema"
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """How a run executes, not what it computes; may change when a run is continued."""
     precision: str = "auto"                 # "auto" (bf16 on GPUs that have it, else fp32) | "fp32" | "bf16" | "fp16"
@@ -95,6 +107,7 @@ class EngineConfig:
     compile: bool = False                   # torch.compile the network (opt-in)
     channels_last: bool = False             # NHWC memory format (faster convolutions on recent GPUs)
     tf32: bool = True                       # TF32 matmuls/convolutions on Ampere+ GPUs
+    tensorboard: str = "auto"               # "auto" (on when the tensorboard package is installed) | "on" | "off"
 
 
 @dataclass(frozen=True)
@@ -116,6 +129,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     @property
@@ -146,7 +160,7 @@ _AT_LEAST = {"batch": 1, "steps": 1, "ckpt_every": 1, "sample_every": 1, "log_ev
              "max_nonfinite": 1, "net.model_channels": 1, "net.channel_mult_emb": 1, "net.num_blocks": 1,
              "net.img_resolution": 1, "net.in_channels": 1, "net.label_dim": 0, "loss.stages": 1,
              "loss.stage_iters": 0, "loss.sct_refs": 0, "optim.lr": 0, "optim.warmup_steps": 0, "optim.lr_ref_steps": 0,
-             "sample.heun_steps": 1, "sample.grid": 1}
+             "sample.heun_steps": 1, "sample.grid": 1, "eval.every_kimg": 0, "eval.n": 2}
 
 
 def _check_values(cfg: RunConfig) -> None:
@@ -162,6 +176,11 @@ def _check_values(cfg: RunConfig) -> None:
     if not (0 <= n.dropout < 1 and n.sigma_data > 0):
         raise EctuneError(f"config needs 0 <= net.dropout < 1 and net.sigma_data > 0, got {n.dropout}, {n.sigma_data}")
     _check_net(n)
+    v = cfg.eval
+    if v.metric not in ("classifier", "inception") or v.weights not in ("ema", "both") or \
+            cfg.engine.tensorboard not in ("auto", "on", "off"):
+        raise EctuneError(f"config needs eval.metric classifier|inception, eval.weights ema|both and "
+                          f"engine.tensorboard auto|on|off, got {v.metric!r}, {v.weights!r}, {cfg.engine.tensorboard!r}")
     if e.kind not in ("power", "fixed") or (e.kind == "power" and not 0 < e.sigma_rel < 0.28) or not 0 <= e.beta <= 1:
         raise EctuneError(f"config ema must be kind=power with 0 < sigma_rel < 0.28 or kind=fixed with "
                           f"0 <= beta <= 1, got kind={e.kind!r}, sigma_rel={e.sigma_rel}, beta={e.beta}")
@@ -267,6 +286,10 @@ def _net(size: str, **overrides) -> NetConfig:
     return NetConfig(size=size, **{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()})
 
 
+# In-loop evaluation of the GPU recipes: Inception FID of 5,000 samples every 1,280k images (10 per 12.8M).
+_GPU_EVAL = EvalConfig(every_kimg=1280.0, n=5000, metric="inception")
+
+
 def _edm2_net(size: str, **overrides) -> NetConfig:
     """EDM2's ImageNet-64 network of a size ("xs" ... "xl"): class-conditional, 64×64×3."""
     from .networks import EDM2_SIZES
@@ -304,7 +327,7 @@ def _imagenet64_presets() -> dict[str, dict]:
                           loss=LossConfig(method="edm", P_mean=-0.8, P_std=1.6),
                           optim=OptimConfig(lr=_EDM2_IMGNET_LR[size], betas=(0.9, 0.99),
                                             warmup_steps=4883, lr_ref_steps=35000)),
-            tune=dict(net=replace(net, dropout=dropout, dropout_res=16),
+            tune=dict(net=replace(net, dropout=dropout, dropout_res=16), eval=_GPU_EVAL,
                       loss=LossConfig(method="ect", P_mean=-0.8, P_std=1.6, q=4.0, stages=4, stage_iters=25000,
                                       c=0.06, weighting="snr"),
                       optim=OptimConfig(name="adam", lr=lr, betas=(0.9, 0.99), lr_ref_steps=2000)))
@@ -323,22 +346,22 @@ def _presets() -> dict[str, dict[str, RunConfig]]:
         # Fashion-MNIST 28x28 on a laptop CPU: ~1M parameters, ~170 img/s pretraining on 2 cores.
         "fmnist": dict(net=_net("small"), batch=128, steps=10000, ckpt_every=500, sample_every=1000,
                        sample=SampleConfig(mid_ts=(1.5,)),
-                       pretrain=dict(optim=OptimConfig(lr=1e-3, warmup_steps=200)),
-                       tune=dict(steps=2000)),
+                       pretrain=dict(optim=OptimConfig(lr=1e-3, warmup_steps=200), eval=EvalConfig(every_kimg=320.0)),
+                       tune=dict(steps=2000, eval=EvalConfig(every_kimg=64.0))),
         # ECT.md §7: CIFAR-10, DDPM++ 55.7M, batch 128, q = 2, 8 stages of 25k iterations, dropout 0.2.
         "cifar10": dict(net=_net("ddpmpp", img_resolution=32, in_channels=3), batch=128, steps=200000,
                         ckpt_every=5000, sample_every=10000, sample=SampleConfig(mid_ts=(0.821,)),
                         pretrain=dict(batch=512, steps=390625, optim=OptimConfig(lr=1e-3, warmup_steps=19531),
                                       ema=EMAConfig(kind="fixed", beta=0.999)),
                         tune=dict(loss=replace(ect_loss, stage_iters=25000), net_dropout=0.2,
-                                  ema=EMAConfig(kind="fixed", beta=0.9999))),
+                                  ema=EMAConfig(kind="fixed", beta=0.9999), eval=_GPU_EVAL)),
         # ECT.md §4.2: the "fast" CIFAR-10 variant, q = 256 from the first iteration (one stage), EMA 0.9993.
         "cifar10-fast": dict(net=_net("ddpmpp", img_resolution=32, in_channels=3), batch=128, steps=200000,
                              ckpt_every=5000, sample_every=10000, sample=SampleConfig(mid_ts=(0.821,)),
                              pretrain=dict(batch=512, steps=390625, optim=OptimConfig(lr=1e-3, warmup_steps=19531),
                                            ema=EMAConfig(kind="fixed", beta=0.999)),
                              tune=dict(loss=replace(ect_loss, q=256.0, stages=1, stage_iters=200000), net_dropout=0.2,
-                                       ema=EMAConfig(kind="fixed", beta=0.9993))),
+                                       ema=EMAConfig(kind="fixed", beta=0.9993), eval=_GPU_EVAL)),
         **_imagenet64_presets(),
     }
     out = {}

@@ -25,6 +25,7 @@ from .errors import EctuneError
 from .evaluate import reference
 from .images import grid_image, to_uint8
 from .models import student_from
+from .report import write_report as run_report
 from .sampling import default_consistency_times, heun_nfe, sample_images
 from .training import train
 
@@ -72,15 +73,21 @@ def tune_config(teacher_net: NetConfig, minutes: float | None, n_eval: int, D, d
                   batch=64, ckpt_every=100, sample_every=10**9, log_every=10,
                   sample=replace(cfg.sample, mid_ts=(2.5,)))
     if steps is not None:
-        return replace(cfg, steps=steps, loss=replace(cfg.loss, stage_iters=math.ceil(steps / cfg.loss.stages)))
+        return _with_steps(cfg, steps)
     eval_s = 1.1 * n_eval * EVAL_NFE_PER_SAMPLE / _forward_rate(D, device)
     tune_s = minutes * 60 - eval_s - 30
     if tune_s < 30:
         raise ValueError(f"--minutes {minutes} leaves no time to tune after evaluating {n_eval} samples; "
                          f"raise --minutes or lower --n")
     steps = int(min(tune_s / _seconds_per_step(replace(cfg, steps=8), D, ds, device), 20000))
-    steps = max(steps, 8)
-    return replace(cfg, steps=steps, loss=replace(cfg.loss, stage_iters=math.ceil(steps / cfg.loss.stages)))
+    return _with_steps(cfg, max(steps, 8))
+
+
+def _with_steps(cfg: RunConfig, steps: int) -> RunConfig:
+    """`steps` iterations in 8 stages, with 4 in-loop evaluations of 200 samples (for `ectune report`;
+    they do not touch the training stream)."""
+    return replace(cfg, steps=steps, loss=replace(cfg.loss, stage_iters=math.ceil(steps / cfg.loss.stages)),
+                   eval=replace(cfg.eval, every_kimg=steps * cfg.batch / 4000, n=200))
 
 
 def _rows_to_run(mid_ts) -> list[dict]:
@@ -204,5 +211,6 @@ def run_demo(out: Path, *, minutes: float | None = None, n: int = 1000, device=t
             "mid_ts": list(cfg.sample.mid_ts), "metric": "FD, ectune Fashion-MNIST classifier features",
             "total_seconds": time.perf_counter() - start}
     write_report(out, rows, meta)
+    run_report(out / "tune")                    # the tuning run's own report: loss with stages, last grid
     log(f"demo: done in {meta['total_seconds'] / 60:.1f} min; see {out}/report.md and {out}/grid.png")
     return {**meta, "rows": rows}

@@ -29,6 +29,7 @@ from .ema import EMA
 from .errors import EctuneError
 from .images import save_samples
 from .losses import cd_loss, ect_loss, edm2_loss, edm_loss, sct_loss
+from .monitor import Monitor, check_eval, eval_due, trim_metrics
 from .sampling import default_consistency_times, sample_images
 from .schedules import ect_r, ect_stage, ict_num_levels, ict_t_r, lognormal_sigma
 
@@ -51,6 +52,7 @@ def check_trainable(cfg: RunConfig, D: torch.nn.Module, n_items: int, device: to
     BatchSampler(n_items, cfg.batch, cfg.seed, rank=distributed.rank(), world_size=distributed.world_size())
     if cfg.loss.method not in METHODS:
         raise EctuneError(f"unknown loss.method {cfg.loss.method!r}; use one of {', '.join(METHODS)}")
+    check_eval(cfg)
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
@@ -112,7 +114,9 @@ def draw(cfg: RunConfig, n: int, shape, step: int, gen: torch.Generator, n_items
     refs = None
     if L.method in ("ect", "sct", "cd"):
         stage = ect_stage(step, cfg.stage_iters)
-        r, info = ect_r(t, stage, q=L.q, k=L.k, b=L.b), {"stage": stage}
+        r = ect_r(t, stage, q=L.q, k=L.k, b=L.b)
+        q = torch.quantile(((t - r) / t).double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64, device=dev))
+        info = {"stage": stage, "dt_over_t": {"q10": q[0].item(), "q50": q[1].item(), "q90": q[2].item()}}
     if L.method == "sct" and L.sct_refs:       # the same references for every row, rank and micro-batch
         refs = torch.randint(n_items, (L.sct_refs,), generator=gen, device=dev)
     return Draws(step, t, r, noise, info, refs)
@@ -222,30 +226,32 @@ def grads_finite(params) -> bool:
     return bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
 
 
-def write_grid(run_dir: Path, cfg: RunConfig, s: TrainState, shape) -> None:
+def write_grid(run_dir: Path, cfg: RunConfig, s: TrainState, shape) -> list[Path]:
     """Interval sample grids from the EMA weights: Heun for pretraining, 1- and 2-step for tuning.
     A grid that cannot be written (a full disk) is reported in one line and training goes on: grids
     are for looking at, the checkpoints are what a run needs."""
     try:
-        _write_grid(run_dir, cfg, s, shape)
+        return _write_grid(run_dir, cfg, s, shape)
     except OSError as e:
         print(f"ectune: warning: could not write the step-{s.step} sample grid in {run_dir / 'samples'} "
               f"({e.strerror or e}); training goes on", file=sys.stderr, flush=True)
+        return []
 
 
-def _write_grid(run_dir: Path, cfg: RunConfig, s: TrainState, shape) -> None:
+def _write_grid(run_dir: Path, cfg: RunConfig, s: TrainState, shape) -> list[Path]:
     seeds = list(range(cfg.sample.grid))
     D, dev = s.ema.module, s.gen.device
     labels = torch.tensor(seeds) % cfg.net.label_dim if cfg.net.label_dim else None
     if cfg.kind == "pretrain":
         x = sample_images(D, seeds, shape, sampler="heun", heun_steps=cfg.sample.heun_steps,
                           class_labels=labels, device=dev)
-        save_samples(x, run_dir / "samples" / f"heun{cfg.sample.heun_steps}-{s.step:08d}.png")
-        return
+        return [save_samples(x, run_dir / "samples" / f"heun{cfg.sample.heun_steps}-{s.step:08d}.png")]
+    paths = []
     for steps in (1, 2):
         ts = default_consistency_times(steps, cfg.sample.mid_ts, cfg.sample.t_max)
         x = sample_images(D, seeds, shape, ts=ts, class_labels=labels, device=dev)
-        save_samples(x, run_dir / "samples" / f"{steps}step-{s.step:08d}.png")
+        paths.append(save_samples(x, run_dir / "samples" / f"{steps}step-{s.step:08d}.png"))
+    return paths
 
 
 def train(cfg: RunConfig, run_dir: Path, ds: ImageDataset, D: torch.nn.Module, *, device: torch.device,
@@ -277,6 +283,7 @@ def train(cfg: RunConfig, run_dir: Path, ds: ImageDataset, D: torch.nn.Module, *
         distributed.on_main(lambda: on_start(s))
     if distributed.is_main():
         ckpt.trim_log(run_dir, s.step)                      # what was logged after that checkpoint is redone
+        trim_metrics(run_dir, s.step)
     s.model = wrap_model(cfg, s.D, device)
     with _stop_on_signal(s):
         _loop(cfg, run_dir, ds, s, device, progress and distributed.is_main(), amp_dtype)
@@ -372,6 +379,7 @@ def _loop(cfg, run_dir, ds, s: TrainState, device, progress, amp_dtype):
     rate = _Rate(s.step, cfg.batch)
     bad_run, stop = 0, False
     log = open(run_dir / "log.jsonl", "a") if main else None     # noqa: SIM115 (closed in finally)
+    monitor, started = (Monitor(cfg, run_dir, device, progress=progress) if main else None), time.time()
     try:
         while s.step < cfg.steps and not stop:        # `stop` is agreed by all ranks, s.stop_requested is local
             loss, info, stop = iteration(cfg, s, images, labels, amp_dtype)
@@ -392,15 +400,23 @@ def _loop(cfg, run_dir, ds, s: TrainState, device, progress, amp_dtype):
                        "nonfinite_skipped": s.nonfinite_total, **info}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-                bar.set_postfix(loss=f"{rec['loss']:.4g}", img_s=f"{rec['img_per_s']:.0f}", **info)
+                monitor.log(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4g}", img_s=f"{rec['img_per_s']:.0f}",
+                                **{k: v for k, v in info.items() if not isinstance(v, dict)})
+            if finite and eval_due(cfg, s.step):          # before its checkpoint: a resume redoes it or has it
+                distributed.on_main(lambda: monitor.evaluate(s, started))
             if finite and (s.step % cfg.ckpt_every == 0 or s.step == cfg.steps):   # checkpoints stay "good"
                 save(run_dir, cfg, s)
             if finite and (s.step % cfg.sample_every == 0 or s.step == cfg.steps):
-                distributed.on_main(lambda: write_grid(run_dir, cfg, s, tuple(ds.images.shape[1:])))
+                paths = distributed.on_main(lambda: write_grid(run_dir, cfg, s, tuple(ds.images.shape[1:])))
+                for path in (paths or []) if monitor is not None else []:
+                    monitor.grid(path, s.step)
     finally:
         s.stop_requested = stop and s.step < cfg.steps   # a stop during the last step: the run is complete
         if log is not None:
             log.close()
+        if monitor is not None:
+            monitor.close()
         bar.close()
 
 
