@@ -202,3 +202,21 @@ class GaussianStudent:
     def __call__(self, x, sigma, class_labels=None):
         sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1)
         return 0.7 * x / (1 + sigma) + 0.1 * sigma
+
+
+def test_losses_and_samplers_take_a_plain_two_argument_denoiser():
+    """The README's promise: any callable D(x, sigma) works (labels are passed only when there are any)."""
+    from ectune.losses import cd_loss, edm_loss, sct_loss
+    from ectune.sampling import consistency_sampler, dpmpp2m_sampler, heun_sampler
+
+    def D(x, sigma):                                        # exact denoiser of N(0, 0.5²) data
+        s = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1)
+        return 0.25 / (0.25 + s**2) * x
+    x0, noise = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    t, r = torch.tensor([0.5, 2.0, 10.0]), torch.tensor([0.2, 0.0, 5.0])
+    for loss in (edm_loss(D, x0, t, noise), ect_loss(D, x0, t, r, noise), cd_loss(D, D, x0, t, r, noise),
+                 sct_loss(D, x0, t, r, noise, torch.randn(5, 1, 4, 4))):
+        assert loss.shape == (3,) and torch.isfinite(loss).all()
+    z = torch.randn(2, 1, 4, 4)
+    for x in (heun_sampler(D, z, num_steps=3), dpmpp2m_sampler(D, z, num_steps=3), consistency_sampler(D, z)):
+        assert x.shape == z.shape and torch.isfinite(x).all()

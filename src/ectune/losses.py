@@ -12,6 +12,11 @@ import torch
 Denoiser = Callable[..., torch.Tensor]
 
 
+def _call(D: Denoiser, x: torch.Tensor, sigma: torch.Tensor, class_labels=None, **kw):
+    """D(x, σ), with the labels only when there are any: any two-argument D(x, sigma) works."""
+    return D(x, sigma, **kw) if class_labels is None else D(x, sigma, class_labels, **kw)
+
+
 def edm_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
     """EDM's loss weight λ(σ) = (σ² + σd²)/(σ·σd)² (Karras et al. 2022, Table 1)."""
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
@@ -28,7 +33,7 @@ def _sum_pixels(v: torch.Tensor) -> torch.Tensor:
 def edm_loss(D: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, *,
              sigma_data: float = 0.5, class_labels=None) -> torch.Tensor:
     """EDM denoising loss (ECT.md §3): λ(σ)·‖D(x0 + σε, σ) − x0‖², summed over pixels. Returns (B,)."""
-    denoised = D(x0 + _bcast(sigma) * noise, sigma, class_labels)
+    denoised = _call(D, x0 + _bcast(sigma) * noise, sigma, class_labels)
     return edm_weight(sigma, sigma_data) * _sum_pixels((denoised - x0) ** 2)
 
 
@@ -36,7 +41,7 @@ def edm2_loss(D: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.T
               sigma_data: float = 0.5, class_labels=None) -> torch.Tensor:
     """EDM2's loss with learned uncertainty u(σ) (Karras et al. 2024, Eq. 21), summed over pixels:
     λ(σ)/e^u·‖D(x0 + σε, σ) − x0‖² + N·u for N pixels. D must return (D_x, u) with return_logvar."""
-    denoised, logvar = D(x0 + _bcast(sigma) * noise, sigma, class_labels, return_logvar=True)
+    denoised, logvar = _call(D, x0 + _bcast(sigma) * noise, sigma, class_labels, return_logvar=True)
     n = x0[0].numel()
     return edm_weight(sigma, sigma_data) / logvar.exp() * _sum_pixels((denoised - x0) ** 2) + n * logvar
 
@@ -81,13 +86,13 @@ def consistency_pair(D: Denoiser, x_t, t, x_r, r, *, class_labels=None):
     Returns (online, target), both (B, C, H, W).
     """
     before = _rng_state(x_t.device)
-    online = D(x_t, t, class_labels)
+    online = _call(D, x_t, t, class_labels)
     after = _rng_state(x_t.device)
     _set_rng_state(x_t.device, before)
     positive = r > 0
     with torch.no_grad():
         r_safe = torch.where(positive, r, t)                 # rows with r = 0 are discarded below
-        target = D(x_r, r_safe, class_labels)
+        target = _call(D, x_r, r_safe, class_labels)
         target = torch.where(_bcast(positive), target.to(online.dtype), x_r.to(online.dtype))
     _set_rng_state(x_t.device, after)
     return online, target.detach()
@@ -163,13 +168,13 @@ def teacher_ode_step(teacher: Denoiser, x_t: torch.Tensor, t: torch.Tensor, r: t
     """
     if solver not in ("euler", "heun"):
         raise ValueError(f"unknown CD solver {solver!r}; use 'euler' or 'heun'")
-    d_t = (x_t - teacher(x_t, t, class_labels)) / _bcast(t)
+    d_t = (x_t - _call(teacher, x_t, t, class_labels)) / _bcast(t)
     x_r = x_t + _bcast(r - t) * d_t
     if solver == "euler":
         return x_r
     positive = r > 0
     r_safe = torch.where(positive, r, t)                     # rows with r = 0 keep the Euler result
-    d_r = (x_r - teacher(x_r, r_safe, class_labels)) / _bcast(r_safe)
+    d_r = (x_r - _call(teacher, x_r, r_safe, class_labels)) / _bcast(r_safe)
     heun = x_t + _bcast(r - t) * (d_t + d_r) / 2
     return torch.where(_bcast(positive), heun, x_r)
 

@@ -18,7 +18,8 @@ Denoiser = Callable[..., torch.Tensor]
 
 def _denoise(D: Denoiser, x: torch.Tensor, sigma: float, class_labels) -> torch.Tensor:
     s = torch.full((x.shape[0],), float(sigma), dtype=torch.float64, device=x.device)
-    return D(x, s, class_labels).to(torch.float64)
+    out = D(x, s) if class_labels is None else D(x, s, class_labels)   # any two-argument D(x, sigma) works
+    return out.to(torch.float64)
 
 
 @torch.no_grad()
