@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ect_benchmark import SHAPE, Cache, consistency_rows
+from ect_benchmark import Cache, consistency_rows, iteration_seconds
 from ectune.cli import main as ectune
 from ectune.evaluate import reference
 
@@ -53,26 +51,6 @@ def tune(runs: Path, name: str, teacher: str, method: str, sets: list[str], step
     if ectune(args) != 0:
         raise SystemExit(f"ectune tune failed: {' '.join(args)}")
     return out
-
-
-def iteration_seconds(teacher: str, method: str, batch: int, iters: int = 8) -> float:
-    """Median seconds of one training iteration of `method` ("edm" = pretraining) on the teacher's network."""
-    from ectune.config import preset
-    from ectune.models import load_denoiser
-    from ectune.training import iteration, new_state, update
-    D, t_cfg = load_denoiser(teacher)
-    kind = "pretrain" if method == "edm" else "tune"
-    base = preset("fmnist", kind)
-    cfg = replace(base, batch=batch, net=t_cfg.net, loss=replace(base.loss, method=method))
-    images = torch.randint(0, 256, (4 * batch, *SHAPE), dtype=torch.uint8)
-    s = new_state(cfg, D.train(), len(images), torch.device("cpu"))
-    times = []
-    for _ in range(iters + 2):
-        t0 = time.perf_counter()
-        iteration(cfg, s, images, None, None)
-        update(cfg, s)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times[2:]))
 
 
 def summarise(rows: dict, cost: dict) -> dict:

@@ -20,15 +20,7 @@ from ectune.errors import EctuneError
 from ectune.evaluate import classifier_reference_spec, is_fashion_mnist
 from ectune.progress import Progress
 from ectune.sampling import sample_images
-
-
-def _have_fmnist():
-    from ectune.data import load_fashion_mnist
-    try:
-        load_fashion_mnist(split="test")
-        return True
-    except EctuneError:
-        return False
+from test_demo import _have_fmnist
 
 
 needs_fmnist = pytest.mark.skipif(not _have_fmnist(), reason="Fashion-MNIST not installed")

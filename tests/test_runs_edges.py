@@ -15,6 +15,7 @@ import pytest
 from ectune.checkpoint import list_checkpoints
 from ectune.cli import main
 from ectune.errors import EctuneError
+from test_bad_input import _fails, _tree  # the same one-line-error and folder-bytes checks
 
 FAST = ["--batch", "8", "--set", "sample.grid=4", "--set", "sample.heun_steps=2", "--no-progress"]
 
@@ -44,19 +45,6 @@ def run(base, tmp_path):
     root, _ = base
     shutil.copytree(root / "run", tmp_path / "run")
     return tmp_path / "run"
-
-
-def _fails(args, capsys, *expected) -> str:
-    assert main(args) == 2, args
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("ectune: error: ") and "\n" not in err, err
-    for text in expected:
-        assert text in err, err
-    return err
-
-
-def _tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # 1. the data a run was made with
