@@ -3,6 +3,7 @@ whether the bf16 loss agrees with fp32 on the same batch. Runs the library's own
 
     python benchmarks/gpu_check.py                      # CIFAR-10 preset on cuda, < 5 minutes on one GPU
     python benchmarks/gpu_check.py --preset tiny --device cpu --seconds 3    # a smoke run anywhere
+    python benchmarks/gpu_check.py --preset imagenet64 --no-compile          # EDM2-S ECT at batch 128
 
 Prints a table and writes benchmarks/results/gpu_check.json. Random images of the preset's shape are
 enough for speed; the network starts from random weights.
