@@ -137,9 +137,9 @@ def main() -> None:
                                                                ref, args.n_search)
     if args.no_cost:
         return
-    methods = {"edm"} | {RECIPES[n][0] for n in rows}
-    cost = {m: cache.get(f"iter-{m}-b{args.batch}", lambda m=m: {"s": iteration_seconds(args.teacher, m, args.batch)})
-            ["s"] for m in sorted(methods)}
+    methods = ["edm", *sorted({RECIPES[n][0] for n in rows})]
+    cost = cache.get(f"iter-{'-'.join(methods)}-b{args.batch}",
+                     lambda: iteration_seconds(args.teacher, methods, args.batch))
     write_outputs(out, summarise(rows, cost), args)
 
 

@@ -176,30 +176,36 @@ def consistency_rows(cache, run: Path, name: str, seeds, ref, n_search: int) -> 
             "images": cfg.steps * cfg.batch}
 
 
-def iteration_seconds(teacher: str, method: str, batch: int, iters: int = 8) -> float:
-    """Median seconds of one training iteration of `method` ("edm" = pretraining) on the teacher's network."""
+def iteration_seconds(teacher: str, methods, batch: int, reps: int = 12) -> dict:
+    """Median seconds of one training iteration per method ("edm" = pretraining) on the teacher's network,
+    the methods' iterations interleaved so that a drift of the machine's speed affects them alike."""
+    import copy
     from dataclasses import replace
 
     from ectune.config import preset
     from ectune.training import iteration, new_state, update
     D, t_cfg = load_denoiser(teacher)
-    base = preset("fmnist", "pretrain" if method == "edm" else "tune")
-    cfg = replace(base, batch=batch, net=t_cfg.net, loss=replace(base.loss, method=method))
     images = torch.randint(0, 256, (4 * batch, *SHAPE), dtype=torch.uint8)
-    s = new_state(cfg, D.train(), len(images), torch.device("cpu"))
-    times = []
-    for _ in range(iters + 2):
-        t0 = time.perf_counter()
-        iteration(cfg, s, images, None, None)
-        update(cfg, s)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times[2:]))
+    runs = {}
+    for m in methods:
+        base = preset("fmnist", "pretrain" if m == "edm" else "tune")
+        cfg = replace(base, batch=batch, net=t_cfg.net, loss=replace(base.loss, method=m))
+        runs[m] = (cfg, new_state(cfg, copy.deepcopy(D).train(), len(images), torch.device("cpu")))
+    times = {m: [] for m in methods}
+    for _ in range(reps + 2):
+        for m, (cfg, s) in runs.items():
+            t0 = time.perf_counter()
+            iteration(cfg, s, images, None, None)
+            update(cfg, s)
+            times[m].append(time.perf_counter() - t0)
+    return {m: float(np.median(v[2:])) for m, v in times.items()}
 
 
 def iteration_cost(teacher: str, batch: int, iters: int = 8) -> dict:
     """Seconds per iteration of EDM pretraining and of ECT on the same network and batch."""
-    edm, ect = (iteration_seconds(teacher, m, batch, iters) for m in ("edm", "ect"))
-    return {"edm_seconds_per_iter": edm, "ect_seconds_per_iter": ect, "ratio": ect / edm, "batch": batch}
+    sec = iteration_seconds(teacher, ("edm", "ect"), batch, iters)
+    return {"edm_seconds_per_iter": sec["edm"], "ect_seconds_per_iter": sec["ect"],
+            "ratio": sec["ect"] / sec["edm"], "batch": batch}
 
 
 def throughput(T, E, mid_ts, n: int = 500) -> dict:

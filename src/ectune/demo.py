@@ -1,5 +1,7 @@
-"""`ectune demo`: tune the shipped Fashion-MNIST teacher with ECT on a fixed time budget, then put
-teacher (Heun, 3/9/35 NFE) and ECT (1/2 NFE) side by side on the same seeds, with numbers.
+"""`ectune demo`: tune the shipped Fashion-MNIST teacher on a fixed budget with the best recipe measured
+for it (benchmarks/beyond_ect.py: ECT with the variance-reduced r-point, `--method sct`, and
+ln t ~ N(−0.6, 2²)), then put teacher (Heun, 3/9/35 NFE) and the tuned model (1/2 NFE) side by side on
+the same seeds, with numbers.
 
 Writes into the output folder: tune/ (the ECT run), grid.png, report.json, report.md, quality_vs_nfe.png.
 """
@@ -30,6 +32,7 @@ from .sampling import default_consistency_times, heun_nfe, sample_images
 from .training import train
 
 TEACHER_HEUN_STEPS = (2, 5, 18)        # Heun N → NFE 3, 9, 35
+RECIPE = {"method": "sct", "P_mean": -0.6, "name": "SCT"}   # tune --method sct --set loss.P_mean=-0.6
 DEMO_STEPS = 355                       # the fixed tuning budget: 355 × 64 images, ~9.6 min in all on 2 CPU cores
 EVAL_NFE_PER_SAMPLE = sum(heun_nfe(n) for n in TEACHER_HEUN_STEPS) + 1 + 2 + 1 + 2
 
@@ -44,7 +47,8 @@ def _seconds_per_step(cfg: RunConfig, D, ds, device, steps: int = 4) -> float:
     images/s, so the probe's final checkpoint and grids do not count)."""
     import copy
     import tempfile
-    probe = replace(cfg, steps=steps, ckpt_every=10**9, sample_every=10**9, log_every=10**9)
+    probe = replace(cfg, steps=steps, ckpt_every=10**9, sample_every=10**9, log_every=10**9,
+                    eval=replace(cfg.eval, every_kimg=0.0))
     with tempfile.TemporaryDirectory() as tmp:
         train(probe, Path(tmp), ds, copy.deepcopy(D), device=device, progress=False)
         last = json.loads((Path(tmp) / "log.jsonl").read_text().splitlines()[-1])
@@ -69,8 +73,10 @@ def tune_config(teacher_net: NetConfig, minutes: float | None, n_eval: int, D, d
     # Demo settings, from benchmarks/demo_sweep.py at the demo's budget (~320 steps of 64, CPU):
     # the paper's lr 1e-4 was stable (2-step FD 123) where 3e-4 diverged in the last stages
     # (408 and 241 on two seeds); mid time 2.5 beat 0.8 and 1.5 for 2-step sampling.
+    # The recipe: the best at 25.6k images in benchmarks/beyond_ect.py (2 seeds): SCT with P_mean -0.6.
     cfg = replace(cfg, teacher=str(shipped_teacher()), net=replace(teacher_net, dropout=cfg.net.dropout),
                   batch=64, ckpt_every=100, sample_every=10**9, log_every=10,
+                  loss=replace(cfg.loss, method=RECIPE["method"], P_mean=RECIPE["P_mean"]),
                   sample=replace(cfg.sample, mid_ts=(2.5,)))
     if steps is not None:
         return _with_steps(cfg, steps)
@@ -122,7 +128,7 @@ def evaluate(models: dict, seeds: list[int], mid_ts, device, ref, progress=None)
 def comparison_grid(samples: dict, path: Path) -> None:
     """Rows: teacher Heun-35, teacher Heun-9, ECT 1-step, ECT 2-step, each on seeds 0..9, labelled."""
     order = [("teacher Heun 35 NFE", ("teacher", "ema", 35)), ("teacher Heun 9 NFE", ("teacher", "ema", 9)),
-             ("ECT 1 step", ("ect", "ema", 1)), ("ECT 2 steps", ("ect", "ema", 2))]
+             (f"{RECIPE['name']} 1 step", ("ect", "ema", 1)), (f"{RECIPE['name']} 2 steps", ("ect", "ema", 2))]
     strips = [grid_image(to_uint8(samples[key]), cols=10) for _, key in order]
     label_w, (w, h) = 150, strips[0].size
     canvas = Image.new("L", (label_w + w, h * len(strips)), 255)
@@ -136,7 +142,7 @@ def comparison_grid(samples: dict, path: Path) -> None:
 
 def write_report(out: Path, rows: list[dict], meta: dict) -> None:
     (out / "report.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
-    lines = ["# ectune demo report", "", f"{meta['machine']}; tuning {meta['tune_steps']} steps "
+    lines = ["# ectune demo report", "", f"{meta['machine']}; tuning with {meta['recipe']} for {meta['tune_steps']} steps "
              f"({meta['tune_images']} images, {meta['tune_seconds']:.0f} s); FD in the features of ectune's "
              f"Fashion-MNIST classifier against the 10k test images, {meta['num_samples']} samples per row, "
              "same seeds in every row.", "",
@@ -160,7 +166,7 @@ def _plot(path: Path, rows: list[dict]) -> None:
     ax.plot([r["nfe"] for r in t], [r["fd"] for r in t], "o-", label="teacher (EDM Heun)")
     for weights, mark in (("ema", "s-"), ("online", "^--")):
         e = [r for r in rows if r["model"] == "ect" and r["weights"] == weights]
-        ax.plot([r["nfe"] for r in e], [r["fd"] for r in e], mark, label=f"ECT ({weights} weights)")
+        ax.plot([r["nfe"] for r in e], [r["fd"] for r in e], mark, label=f"{RECIPE['name']} ({weights} weights)")
     ax.set(xscale="log", yscale="log", xlabel="network evaluations (NFE)", ylabel="FD (classifier features)")
     ax.legend()
     fig.tight_layout()
@@ -191,7 +197,8 @@ def run_demo(out: Path, *, minutes: float | None = None, n: int = 1000, device=t
     ds = load_fashion_mnist(split="train")
     left = None if minutes is None else minutes - (time.perf_counter() - start) / 60
     cfg = tune_config(t_cfg.net, left, n, D, ds, device, steps)
-    log(f"demo: tuning the shipped teacher with ECT for {cfg.steps} steps of batch {cfg.batch}"
+    log(f"demo: tuning the shipped teacher with {RECIPE['name']} (--method {cfg.loss.method}, "
+        f"ln t ~ N({cfg.loss.P_mean:g}, {cfg.loss.P_std:g}²)) for {cfg.steps} steps of batch {cfg.batch}"
         + (f" (sized to finish in {minutes:g} minutes)" if steps is None else ""))
     (out / "tune").mkdir()
     (out / "tune" / "config.json").write_text(cfg.to_json())
@@ -206,6 +213,7 @@ def run_demo(out: Path, *, minutes: float | None = None, n: int = 1000, device=t
                                                     f"NFE {r['nfe']:2d}  FD {r['fd']:8.2f}"))
     comparison_grid(samples, out / "grid.png")
     meta = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, device {device}",
+            "recipe": f"{RECIPE['name']} (--method {cfg.loss.method}, loss.P_mean={cfg.loss.P_mean:g})",
             "tune_steps": cfg.steps, "tune_batch": cfg.batch, "tune_images": cfg.steps * cfg.batch,
             "tune_seconds": tune_seconds, "teacher_images": 3840000, "num_samples": n,
             "mid_ts": list(cfg.sample.mid_ts), "metric": "FD, ectune Fashion-MNIST classifier features",

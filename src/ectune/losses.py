@@ -128,7 +128,8 @@ def stf_clean_estimate(x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, ref
     pool = refs.flatten(1).double()                                             # (K, D)
     t2 = 2 * t.double().reshape(-1, 1) ** 2                                     # (B, 1)
     d_own = (xt - own).pow(2).sum(1, keepdim=True)                              # (B, 1)
-    d_ref = torch.cdist(xt, pool, compute_mode="donot_use_mm_for_euclid_dist").pow(2)   # (B, K), no cancellation
+    # ‖a‖² + ‖b‖² − 2a·b in float64: its rounding (~1e-13 here) is far below what the weights resolve
+    d_ref = (xt.pow(2).sum(1, keepdim=True) + pool.pow(2).sum(1) - 2 * xt @ pool.T).clamp_min(0)   # (B, K)
     logits = torch.cat([-d_own, -d_ref], dim=1) / t2                            # (B, 1 + K)
     if labels is not None and ref_labels is not None:
         other = labels.reshape(-1, 1) != ref_labels.reshape(1, -1)
