@@ -162,7 +162,7 @@ def test_tune_an_edm2_teacher_with_the_imagenet64_recipe(edm2_teacher, tmp_path)
     teacher, data = edm2_teacher
     out = tmp_path / "ect"
     assert main(["tune", "--teacher", str(teacher), "--data", str(data), "--preset", "imagenet64", "--steps", "2",
-                 "--batch", "4", "--out", str(out), "--no-progress"]) == 0
+                 "--batch", "4", "--set", "eval.every_kimg=0", "--out", str(out), "--no-progress"]) == 0
     D, cfg = load_denoiser(out)
     assert cfg.kind == "tune" and cfg.net.arch == "edm2" and cfg.net.logvar_channels == 0
     assert (cfg.net.dropout, cfg.net.dropout_res, cfg.loss.weighting, cfg.loss.c) == (0.4, 16, "snr", 0.06)
@@ -176,7 +176,8 @@ def test_pretrain_edm2_with_its_uncertainty_loss(tmp_path, edm2_teacher):
     _, data = edm2_teacher
     out = tmp_path / "pre"
     assert main(["pretrain", "--preset", "imagenet64", "--data", str(data), "--steps", "2", "--batch", "4",
-                 "--set", "net.model_channels=8", "--set", "net.label_dim=10", "--out", str(out), "--no-progress"]) == 0
+                 "--set", "net.model_channels=8", "--set", "net.label_dim=10", "--set", "eval.every_kimg=0",
+                 "--out", str(out), "--no-progress"]) == 0
     D, cfg = load_denoiser(out)
     assert cfg.net.logvar_channels == 128 and hasattr(D.net, "logvar_linear")
 

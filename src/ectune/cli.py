@@ -63,7 +63,19 @@ def _configure(args, base: RunConfig) -> RunConfig:
         cfg = replace(cfg, steps=max(1, math.ceil(args.kimg * 1000 / cfg.batch)))
     if cfg.steps < 1 or cfg.batch < 1:
         raise EctuneError("--steps/--kimg and --batch must be positive")
-    return cfg
+    return _preset_eval_fits(args, cfg)
+
+
+def _preset_eval_fits(args, cfg: RunConfig) -> RunConfig:
+    """A preset's default in-loop evaluation that does not fit the data (the classifier metric on data
+    that is not Fashion-MNIST) is turned off, with a note printed once the run starts (args.notes); one
+    asked for with --set eval.* is checked (and refused) by the training layer instead."""
+    from .monitor import eval_fits
+    if cfg.eval.every_kimg <= 0 or eval_fits(cfg) or any(o.strip().startswith("eval.") for o in args.set):
+        return cfg
+    args.notes = [f"in-loop evaluation off: its {cfg.eval.metric} metric does not fit --data {cfg.data}; "
+                  "--set eval.metric=inception to score this data during training"]
+    return replace(cfg, eval=replace(cfg.eval, every_kimg=0.0))
 
 
 def _prepare_run(cfg: RunConfig, out: Path, resume: str = "auto", fp: dict | None = None) -> RunConfig:
@@ -99,6 +111,8 @@ def _train_run(args, cfg: RunConfig, ds, D, device, teacher=None) -> None:
     resumed = (out / "config.json").is_file()
     with first_start(out), mismatch_names_data(out, cfg.data):
         cfg = distributed.on_main(lambda: _prepare_run(cfg, out, args.resume, fp))
+        for note in getattr(args, "notes", []) if distributed.is_main() else []:
+            print(f"ectune: note: {note}", file=sys.stderr)
         state = train(cfg, out, ds, D, device=device, progress=not args.no_progress, teacher=teacher,
                       on_start=lambda s: started(cfg, out, fp, resumed, s))
     _report(state, cfg, out)

@@ -37,14 +37,20 @@ def eval_due(cfg: RunConfig, step: int) -> bool:
     return step == cfg.steps or int(step * cfg.batch // every) > int((step - 1) * cfg.batch // every)
 
 
+def eval_fits(cfg: RunConfig) -> bool:
+    """Whether the in-loop metric fits the run's data (the classifier metric: Fashion-MNIST only)."""
+    from .evaluate import is_fashion_mnist
+    shape = (cfg.net.in_channels, cfg.net.img_resolution, cfg.net.img_resolution)
+    return cfg.eval.metric != "classifier" or (shape == (1, 28, 28) and is_fashion_mnist(cfg.data))
+
+
 def check_eval(cfg: RunConfig) -> None:
     """Refuse at start an in-loop metric that does not fit the run's data (before anything is written)."""
     if cfg.eval.every_kimg <= 0:
         return
     shape = (cfg.net.in_channels, cfg.net.img_resolution, cfg.net.img_resolution)
     if cfg.eval.metric == "classifier":
-        from .evaluate import is_fashion_mnist
-        if shape != (1, 28, 28) or not is_fashion_mnist(cfg.data):
+        if not eval_fits(cfg):
             raise EctuneError(f"eval.metric=classifier scores against Fashion-MNIST, but this run trains on "
                               f"{cfg.data or 'unrecorded data'} {shape}; use --set eval.metric=inception or turn "
                               "in-loop evaluation off with --set eval.every_kimg=0")
