@@ -116,7 +116,7 @@ def draw(cfg: RunConfig, n: int, shape, step: int, gen: torch.Generator, n_items
         stage = ect_stage(step, cfg.stage_iters)
         r = ect_r(t, stage, q=L.q, k=L.k, b=L.b)
         q = torch.quantile(((t - r) / t).double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64, device=dev))
-        info = {"stage": stage, "dt_over_t": {"q10": q[0].item(), "q50": q[1].item(), "q90": q[2].item()}}
+        info = {"stage": stage, "dt_over_t": q}             # a tensor: read (a device sync) only when logged
     if L.method == "sct" and L.sct_refs:       # the same references for every row, rank and micro-batch
         refs = torch.randint(n_items, (L.sct_refs,), generator=gen, device=dev)
     return Draws(step, t, r, noise, info, refs)
@@ -397,12 +397,12 @@ def _loop(cfg, run_dir, ds, s: TrainState, device, progress, amp_dtype):
             if main and finite and (s.step % cfg.log_every == 0 or s.step == cfg.steps):
                 rec = {"step": s.step, "kimg": s.step * cfg.batch / 1000, "loss": loss.item(),
                        "lr": lr_at(cfg, s.step - 1), "img_per_s": rate.since_last(s.step),
-                       "nonfinite_skipped": s.nonfinite_total, **info}
+                       "nonfinite_skipped": s.nonfinite_total, **_loggable(info)}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 monitor.log(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4g}", img_s=f"{rec['img_per_s']:.0f}",
-                                **{k: v for k, v in info.items() if not isinstance(v, dict)})
+                                **{k: v for k, v in info.items() if not isinstance(v, torch.Tensor)})
             if finite and eval_due(cfg, s.step):          # before its checkpoint: a resume redoes it or has it
                 distributed.on_main(lambda: monitor.evaluate(s, started))
             if finite and (s.step % cfg.ckpt_every == 0 or s.step == cfg.steps):   # checkpoints stay "good"
@@ -418,6 +418,14 @@ def _loop(cfg, run_dir, ds, s: TrainState, device, progress, amp_dtype):
         if monitor is not None:
             monitor.close()
         bar.close()
+
+
+def _loggable(info: dict) -> dict:
+    """`info` as JSON numbers: the Δt/t quantiles (q10, q50, q90) read from their tensor."""
+    out = dict(info)
+    if isinstance(out.get("dt_over_t"), torch.Tensor):
+        out["dt_over_t"] = dict(zip(("q10", "q50", "q90"), out["dt_over_t"].tolist()))
+    return out
 
 
 def iteration(cfg, s: TrainState, images, labels, amp_dtype) -> tuple[torch.Tensor, dict, bool]:
