@@ -131,15 +131,11 @@ def teacher_row(D, seeds, ref, family: str, nfe: int, who: str = "teacher") -> d
 
 
 def train_seconds(run: Path) -> float:
-    """Compute seconds of a (possibly resumed) run, from its logged throughput."""
-    cfg = json.loads((run / "config.json").read_text())
-    recs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    total, prev = 0.0, 0
-    for r in recs:
-        if r["step"] > prev:
-            total += (r["step"] - prev) * cfg["batch"] / max(r["img_per_s"], 1e-9)
-        prev = r["step"]
-    return total
+    """Compute seconds of a (possibly resumed) run, from its logged throughput (ectune.report's rule)."""
+    from ectune.config import read_config
+    from ectune.report import read_records
+    from ectune.report import train_seconds as logged_seconds
+    return logged_seconds(read_config(run / "config.json"), read_records(run / "log.jsonl"))
 
 
 def tune(runs: Path, name: str, teacher: str, method: str, steps: int, batch: int, data: str = "fashion-mnist") -> Path:

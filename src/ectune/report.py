@@ -16,7 +16,8 @@ from .config import RunConfig, preset, read_config
 from .errors import EctuneError
 
 
-def _records(path: Path) -> list[dict]:
+def read_records(path: Path) -> list[dict]:
+    """The JSON records of a log.jsonl / metrics.jsonl (torn lines skipped); [] when it is absent."""
     if not path.is_file():
         return []
     out = []
@@ -111,7 +112,7 @@ def write_report(run) -> Path:
     if not (run / "config.json").is_file():
         raise EctuneError(f"{run} is not a run folder (no config.json); pass the --out of a pretrain or tune run")
     cfg = read_config(run / "config.json")
-    log, metrics = _records(run / "log.jsonl"), _records(run / "metrics.jsonl")
+    log, metrics = read_records(run / "log.jsonl"), read_records(run / "metrics.jsonl")
     plots = _plots(run, cfg, log, metrics)
     done = log[-1]["step"] if log else 0
     lines = [f"# {run.name}: {cfg.kind} ({cfg.loss.method}), preset {cfg.preset}", "",
