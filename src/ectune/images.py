@@ -1,4 +1,4 @@
-"""Image output: [-1, 1] tensors → uint8 arrays, PNG grids and .npz sample files."""
+"""Image conversion and output: uint8 ↔ [-1, 1] tensors, PNG grids and .npz sample files."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+
+def from_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images (any shape) → float32 in [-1, 1]: x / 127.5 − 1, EDM's convention (the inverse of `to_uint8`)."""
+    return x.to(torch.float32) / 127.5 - 1
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
