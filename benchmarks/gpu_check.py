@@ -66,7 +66,7 @@ def loss_agreement(cfg, device) -> dict:
     x0 = torch.rand(cfg.batch, cfg.net.in_channels, cfg.net.img_resolution, cfg.net.img_resolution,
                     device=device) * 2 - 1
     labels = (torch.arange(cfg.batch, device=device) % cfg.net.label_dim) if cfg.net.label_dim else None
-    d = draw(replace(cfg, steps=cfg.steps), cfg.batch, tuple(x0.shape[1:]), cfg.stage_iters * 3,
+    d = draw(replace(cfg, steps=cfg.steps), cfg.batch, tuple(x0.shape[1:]), cfg.stage_length * 3,
              torch.Generator(device=device).manual_seed(0))
     with torch.no_grad():
         fp32 = batch_loss(cfg, D, x0, labels, d).mean().item()

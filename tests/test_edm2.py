@@ -134,7 +134,7 @@ def test_imagenet64_presets_follow_the_official_imgnet_branch():
     t = preset("imagenet64", "tune")
     assert (t.net.arch, t.net.model_channels, t.net.channel_mult, t.net.label_dim) == ("edm2", 192, (1, 2, 3, 4), 1000)
     assert (t.loss.q, t.loss.c, t.loss.weighting, t.loss.P_mean, t.loss.P_std) == (4.0, 0.06, "snr", -0.8, 1.6)
-    assert (t.batch, t.steps, t.stage_iters, t.optim.lr, t.optim.betas) == (128, 100000, 25000, 1e-3, (0.9, 0.99))
+    assert (t.batch, t.steps, t.stage_length, t.optim.lr, t.optim.betas) == (128, 100000, 25000, 1e-3, (0.9, 0.99))
     assert t.sample.mid_ts == (1.526,) and preset("imagenet64-xl", "tune").net.model_channels == 384
     p = preset("imagenet64", "pretrain")
     assert p.net.logvar_channels == 128 and p.loss.method == "edm" and p.batch == 2048

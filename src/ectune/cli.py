@@ -16,17 +16,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import __version__, distributed
-from .config import RunConfig, apply_overrides, preset, preset_names, read_config
+from .config import RunConfig, apply_overrides, preset, preset_names
 from .cliargs import check_args, check_model_args
 from .errors import EctuneError
-
-LOCK = ".lock"             # held by the command running in a run folder (see _lock_run)
-_LOCKS: list[int] = []     # file descriptors of the run folders this process holds
-
-# Fields that may change when a run is continued (budget and cadence), not what it is.
-_RESUMABLE = {"steps", "ckpt_every", "sample_every", "log_every", "keep_ckpts", "max_nonfinite", "teacher", "data",
-              "engine", "eval"}
-
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder (created; an existing run there is continued)")
@@ -78,210 +70,38 @@ def _preset_eval_fits(args, cfg: RunConfig) -> RunConfig:
     return replace(cfg, eval=replace(cfg.eval, every_kimg=0.0))
 
 
-def _prepare_run(cfg: RunConfig, out: Path, resume: str = "auto", fp: dict | None = None) -> RunConfig:
-    """Create the run folder (config.json, data.json: the data fingerprint `fp`), or check that an
-    existing one holds this same run on the same data (then it resumes; its config.json is rewritten
-    only once training starts, see `runs.started`, so a refused resume changes nothing)."""
-    from .runs import check_continuable, record_data, start_leftover, write_config
-    if (out / "config.json").exists():
-        check_continuable(cfg, out, resume, fp, _RESUMABLE)
-        _lock_run(out)
-        return cfg
-    if out.exists() and (not out.is_dir() or not all(start_leftover(p.name) for p in out.iterdir())):
-        # (the lock, data.json and temporaries alone: a first start that was killed)
-        raise EctuneError(f"{out} exists and is not an ectune run folder; choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise EctuneError(f"cannot create {out} ({e}); check the permissions of its parent or choose another --out") from None
-    _lock_run(out)
-    if fp is not None:
-        record_data(out, fp)
-    write_config(out, cfg.to_json())
-    return cfg
-
-
-def _train_run(args, cfg: RunConfig, ds, D, device, teacher=None) -> None:
-    """Check that `cfg` trains before anything is written, prepare (or continue) the run folder, train, report."""
-    from .runs import data_fingerprint, first_start, mismatch_names_data, started
-    from .training import check_trainable, train
-    out = Path(args.out)
-    check_trainable(cfg, D, len(ds), device)
-    fp = data_fingerprint(ds, cfg.data) if distributed.is_main() else None
-    resumed = (out / "config.json").is_file()
-    with first_start(out), mismatch_names_data(out, cfg.data):
-        cfg = distributed.on_main(lambda: _prepare_run(cfg, out, args.resume, fp))
-        for note in getattr(args, "notes", []) if distributed.is_main() else []:
-            print(f"ectune: note: {note}", file=sys.stderr)
-        state = train(cfg, out, ds, D, device=device, progress=not args.no_progress, teacher=teacher,
-                      on_start=lambda s: started(cfg, out, fp, resumed, s))
-    _report(state, cfg, out)
-
-
-def _lock_run(out: Path) -> None:
-    """Hold OUT/.lock until this command ends, so that a second process on the same run folder is refused
-    instead of interleaving checkpoints. The OS drops the lock with the process, so a killed run leaves
-    none behind. (Not on Windows, which has no fcntl.)"""
-    try:
-        import fcntl
-    except ImportError:
-        return
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise EctuneError(f"{out} is in use by another ectune process; wait for it to finish or choose "
-                          "another --out") from None
-    _LOCKS.append(fd)
-
-
-def _unlock_runs() -> None:
-    while _LOCKS:
-        os.close(_LOCKS.pop())              # closing the descriptor releases its flock
-
-
-def _load_data(spec: str):
-    from .data import load_dataset
-    ds = load_dataset(spec)
-    h, w = ds.images.shape[2:]
-    if h != w:
-        raise EctuneError(f"images must be square for the UNet, got {h}x{w}; crop or resize the dataset")
-    return ds
+def _train_run(args, cfg: RunConfig, ds, D, teacher=None) -> None:
+    """Train (or continue) the run in --out and say how it ended."""
+    from .models import resolve_device
+    from .runs import train_run
+    result = train_run(cfg, Path(args.out), ds, D, device=resolve_device(args.device), teacher=teacher,
+                       resume=args.resume, progress=not args.no_progress, notes=getattr(args, "notes", ()))
+    _report(result)
 
 
 def cmd_pretrain(args) -> None:
-    from .models import build_denoiser, resolve_device
-    base = preset(args.preset or "fmnist", "pretrain")
-    cfg = _configure(args, base)
-    wrong = [f"{k}={v}" for k, v, want in (("kind", cfg.kind, "pretrain"), ("loss.method", cfg.loss.method, "edm"))
-             if v != want]
-    if wrong:
-        raise EctuneError(f"pretrain trains an EDM diffusion model, so --set {' '.join(wrong)} is refused; "
-                          "use `ectune tune` to train a consistency model")
-    device = resolve_device(args.device)
-    ds = _load_data(cfg.data)
-    if args.cond and ds.labels is None:
-        raise EctuneError(f"--cond needs class labels but --data {cfg.data} has none; drop --cond or use labelled data")
-    if args.cond:
-        _check_label_values(ds, cfg.data)
-    label_dim = ds.num_classes if args.cond else cfg.net.label_dim
-    if label_dim and ds.labels is None:
-        raise EctuneError(f"--cond needs class labels but {cfg.data} has none")
-    net = replace(cfg.net, img_resolution=ds.images.shape[2], in_channels=ds.images.shape[1], label_dim=label_dim)
-    cfg = replace(cfg, net=net)
-    _train_run(args, cfg, ds, build_denoiser(cfg.net, cfg.seed), device)   # the network is built before the folder
-
-
-def _method_config(cfg: RunConfig, method: str) -> RunConfig:
-    """The tune preset turned into one of the compared methods (same network, optimizer and data).
-
-    iCT (ECT.md §6): discrete Karras pairs drawn by a discretised lognormal(−1.1, 2.0), weight
-    1/(σ_{i+1} − σ_i) ("inv_dt"), c = 0.00054·√dim. Its CIFAR-10 dropout of 0.3 is not applied: the
-    comparison keeps the preset's network as it is (`--set net.dropout=0.3` to follow iCT).
-    """
-    if method == "ict":
-        dim = cfg.net.in_channels * cfg.net.img_resolution ** 2
-        return replace(cfg, loss=replace(cfg.loss, method="ict", P_mean=-1.1, P_std=2.0, weighting="inv_dt",
-                                         c=0.00054 * math.sqrt(dim)))
-    return replace(cfg, loss=replace(cfg.loss, method=method))
-
-
-def _check_label_values(ds, spec: str) -> None:
-    """A conditional network has one label embedding per value up to the largest: refuse labels that
-    are far sparser than 0..C-1 (a class subset such as [classes=8,9] is fine)."""
-    distinct = int(ds.labels.unique().numel())
-    if ds.num_classes > 4 * distinct + 16:
-        raise EctuneError(f"--cond: --data {spec} has labels up to {ds.num_classes - 1} but only {distinct} distinct "
-                          f"values, so the network would need {ds.num_classes} label embeddings; renumber the "
-                          "labels 0..C-1")
-
-
-def _freeze_schedule(cfg: RunConfig, out: Path) -> RunConfig:
-    """Fix ECT's stage length and iCT's curriculum length when a run is created; a continued run
-    (perhaps with a larger --steps) keeps the values it was created with."""
-    old = None
-    if (out / "config.json").is_file():
-        try:
-            old = read_config(out / "config.json")
-        except EctuneError:
-            pass                                # _prepare_run reports it
-    L = cfg.loss
-    if old is not None:                         # continue with what the run was created with
-        return replace(cfg, loss=replace(L, stage_iters=L.stage_iters or old.loss.stage_iters,
-                                         ict_total_steps=L.ict_total_steps or old.loss.ict_total_steps))
-    total = (L.ict_total_steps or cfg.steps) if L.method == "ict" else 0
-    return replace(cfg, loss=replace(L, stage_iters=cfg.stage_iters, ict_total_steps=total))
-
-
-def _tune_base(args):
-    """(base config, teacher tensors or None, diffusers teacher or None) for `ectune tune`."""
-    from .checkpoint import read_weights
-    from .importers.diffusers_vp import diffusers_root
-    from .models import diffusers_denoiser, student_net
-    if args.teacher is None and args.method != "ict":
-        raise EctuneError(f"--method {args.method} starts from a teacher: pass --teacher RUN_OR_WEIGHTS")
-    if args.teacher is not None and diffusers_root(args.teacher) is not None:
-        if args.method != "cd":
-            raise EctuneError(f"--teacher {args.teacher} is a diffusers DDPM, whose network ectune cannot tune; "
-                              "distill it with --method cd (the student is the preset's network)")
-        teacher, t_cfg = diffusers_denoiser(diffusers_root(args.teacher))
-        base = preset(args.preset or "fmnist", "tune")
-        net = replace(base.net, in_channels=t_cfg.net.in_channels, img_resolution=t_cfg.net.img_resolution)
-        return replace(base, net=net, teacher=str(args.teacher)), None, teacher
-    if args.teacher is not None:
-        t_cfg, tensors, _ = read_weights(args.teacher)
-        # (a run already in --out is continued as it was created; for CD, _prepare_run refuses another teacher)
-        if t_cfg.kind == "tune" and args.method in ("ect", "sct", "cd") and not (Path(args.out) / "config.json").is_file():
-            raise EctuneError(f"--teacher {args.teacher} is already a consistency model; --method {args.method} "
-                              "needs a diffusion teacher: pass the pretrain run (or weights) it was tuned from")
-        base = preset(args.preset or t_cfg.preset, "tune")
-        return replace(base, data=t_cfg.data, teacher=str(args.teacher), net=student_net(t_cfg.net, base.net),
-                       sample=replace(base.sample)), tensors, None
-    base = preset(args.preset or "fmnist", "tune")   # iCT from scratch: the preset's network on the data's shape
-    if args.data:
-        shape = _load_data(args.data).images.shape
-        base = replace(base, net=replace(base.net, in_channels=shape[1], img_resolution=shape[2]))
-    return base, None, None
+    from .start import pretrain_parts
+    cfg = _configure(args, preset(args.preset or "fmnist", "pretrain"))
+    _train_run(args, *pretrain_parts(cfg, cond=args.cond))
 
 
 def cmd_tune(args) -> None:
-    from .models import build_denoiser, resolve_device, student_from
-    base, tensors, teacher = _tune_base(args)
-    cfg = _configure(args, _method_config(base, args.method))
-    if cfg.loss.method not in ("ect", "sct", "ict", "cd"):
-        raise EctuneError("tune trains a consistency model: loss.method must be ect, sct, ict or cd, "
-                          f"not {cfg.loss.method!r}")
-    if cfg.kind != "tune":
-        raise EctuneError(f"tune trains a consistency model, so --set kind={cfg.kind} is refused; "
-                          "use `ectune pretrain` to train a diffusion model")
-    cfg = _freeze_schedule(cfg, Path(args.out))
-    device = resolve_device(args.device)
-    ds = _load_data(cfg.data)
-    want = (cfg.net.in_channels, cfg.net.img_resolution)
-    if (ds.images.shape[1], ds.images.shape[2]) != want:
-        raise EctuneError(f"data {cfg.data} is {ds.images.shape[1]}x{ds.images.shape[2]}px (channels x size) but "
-                          f"the teacher expects {want[0]}x{want[1]}px; tune on data of the teacher's shape")
-    if cfg.net.label_dim and (ds.labels is None or ds.num_classes > cfg.net.label_dim):
-        raise EctuneError(f"the teacher is class-conditional ({cfg.net.label_dim} classes) but {cfg.data} has "
-                          "no labels in that range; tune on labelled data")
-    if cfg.loss.method == "ict" or tensors is None:     # from scratch: iCT, or CD from a diffusers teacher
-        D = build_denoiser(cfg.net, cfg.seed)
-    else:
-        D = student_from(tensors, cfg.net, f"teacher {args.teacher}")
-    if cfg.loss.method == "cd" and teacher is None:
-        teacher = student_from(tensors, cfg.net, f"teacher {args.teacher}")
-    _train_run(args, cfg, ds, D, device, teacher)                     # after the teacher fits
+    from .start import tune_base, tune_parts
+    base = tune_base(args.method, args.teacher, args.preset, args.data, Path(args.out))
+    cfg = _configure(args, base.cfg)
+    _train_run(args, cfg, *tune_parts(cfg, base))
 
 
-def _report(state, cfg: RunConfig, out) -> None:
-    if state.stop_requested:
-        raise KeyboardInterrupt(f"stopped at step {state.step}/{cfg.steps}; checkpoint saved in {out}; "
+def _report(r) -> None:
+    """One line on how a `runs.RunResult` ended (a stop by a signal exits 130)."""
+    cfg, out = r.cfg, r.out
+    if r.status == "stopped":
+        raise KeyboardInterrupt(f"stopped at step {r.step}/{cfg.steps}; checkpoint saved in {out}; "
                                 "run the same command to continue")
-    if state.start_step > cfg.steps:
-        print(f"run {out} is already at step {state.start_step}, past --steps {cfg.steps}; nothing to do; "
+    if r.status == "past":
+        print(f"run {out} is already at step {r.start_step}, past --steps {cfg.steps}; nothing to do; "
               "pass a larger --steps to extend it")
-    elif state.start_step == cfg.steps:
+    elif r.status == "complete":
         print(f"run {out} is complete: {cfg.steps}/{cfg.steps} steps; nothing to do; pass a larger --steps to extend it")
     else:
         print(f"{cfg.kind} done: {cfg.steps} steps ({cfg.steps * cfg.batch / 1000:.1f} kimg) in {out}")
@@ -461,11 +281,8 @@ def cmd_demo(args) -> None:
     from .models import resolve_device
     if (args.minutes is not None and args.minutes <= 0) or args.n < 10:
         raise EctuneError("--minutes must be positive and --n at least 10")
-    try:
-        run_demo(Path(args.out), minutes=args.minutes, n=args.n, device=resolve_device(args.device),
-                 progress=not args.no_progress, steps=args.steps)
-    except ValueError as e:
-        raise EctuneError(str(e)) from None
+    run_demo(Path(args.out), minutes=args.minutes, n=args.n, device=resolve_device(args.device),
+             progress=not args.no_progress, steps=args.steps)
 
 
 def cmd_download(args) -> None:
@@ -668,7 +485,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ectune: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
     finally:
-        _unlock_runs()
         distributed.shutdown()
     return 0
 

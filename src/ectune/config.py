@@ -133,8 +133,9 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     @property
-    def stage_iters(self) -> int:
-        """Iterations per ECT stage: explicit, or the run split into `loss.stages` stages."""
+    def stage_length(self) -> int:
+        """Iterations per ECT stage in effect: `loss.stage_iters` (fixed when the run is created), or,
+        while it is 0, the run split into `loss.stages` stages."""
         return self.loss.stage_iters or max(1, math.ceil(self.steps / self.loss.stages))
 
     def to_json(self) -> str:

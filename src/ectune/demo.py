@@ -9,7 +9,6 @@ Writes into the output folder: tune/ (the ECT run), grid.png, report.json, repor
 from __future__ import annotations
 
 import json
-import math
 import platform
 import shutil
 import time
@@ -29,6 +28,7 @@ from .images import grid_image, to_uint8
 from .models import student_from
 from .report import write_report as run_report
 from .sampling import default_consistency_times, heun_nfe, sample_images
+from .runs import train_run
 from .training import train
 
 TEACHER_HEUN_STEPS = (2, 5, 18)        # Heun N → NFE 3, 9, 35
@@ -83,17 +83,16 @@ def tune_config(teacher_net: NetConfig, minutes: float | None, n_eval: int, D, d
     eval_s = 1.1 * n_eval * EVAL_NFE_PER_SAMPLE / _forward_rate(D, device)
     tune_s = minutes * 60 - eval_s - 30
     if tune_s < 30:
-        raise ValueError(f"--minutes {minutes} leaves no time to tune after evaluating {n_eval} samples; "
+        raise EctuneError(f"--minutes {minutes} leaves no time to tune after evaluating {n_eval} samples; "
                          f"raise --minutes or lower --n")
     steps = int(min(tune_s / _seconds_per_step(replace(cfg, steps=8), D, ds, device), 20000))
     return _with_steps(cfg, max(steps, 8))
 
 
 def _with_steps(cfg: RunConfig, steps: int) -> RunConfig:
-    """`steps` iterations in 8 stages, with 4 in-loop evaluations of 200 samples (for `ectune report`;
-    they do not touch the training stream)."""
-    return replace(cfg, steps=steps, loss=replace(cfg.loss, stage_iters=math.ceil(steps / cfg.loss.stages)),
-                   eval=replace(cfg.eval, every_kimg=steps * cfg.batch / 4000, n=200))
+    """`steps` iterations (in the preset's 8 stages, fixed when the run starts), with 4 in-loop
+    evaluations of 200 samples (for `ectune report`; they do not touch the training stream)."""
+    return replace(cfg, steps=steps, eval=replace(cfg.eval, every_kimg=steps * cfg.batch / 4000, n=200))
 
 
 def _rows_to_run(mid_ts) -> list[dict]:
@@ -200,10 +199,8 @@ def run_demo(out: Path, *, minutes: float | None = None, n: int = 1000, device=t
     log(f"demo: tuning the shipped teacher with {RECIPE['name']} (--method {cfg.loss.method}, "
         f"ln t ~ N({cfg.loss.P_mean:g}, {cfg.loss.P_std:g}²)) for {cfg.steps} steps of batch {cfg.batch}"
         + (f" (sized to finish in {minutes:g} minutes)" if steps is None else ""))
-    (out / "tune").mkdir()
-    (out / "tune" / "config.json").write_text(cfg.to_json())
     t0 = time.perf_counter()
-    state = train(cfg, out / "tune", ds, D, device=device, progress=progress)
+    state = train_run(cfg, out / "tune", ds, D, device=device, progress=progress).state
     tune_seconds = time.perf_counter() - t0
     models = {("teacher", "ema"): teacher, ("ect", "ema"): state.ema.module.eval(),
               ("ect", "online"): state.D.eval()}

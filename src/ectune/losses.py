@@ -9,6 +9,8 @@ from typing import Callable
 
 import torch
 
+from .rng import replayed, rng_state
+
 Denoiser = Callable[..., torch.Tensor]
 
 
@@ -66,35 +68,22 @@ def ect_weight(t: torch.Tensor, r: torch.Tensor, weighting: str, sigma_data: flo
     raise ValueError(f"unknown ECT weighting {weighting!r}; use 'inv_dt' or 'snr'")
 
 
-def _rng_state(device: torch.device):
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(device: torch.device, state) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
 def consistency_pair(D: Denoiser, x_t, t, x_r, r, *, class_labels=None):
     """Online prediction D(x_t, t) with gradients and its stop-gradient target at r (ECT §4.4–4.5).
 
     The target is D(x_r, r) from the same current weights under no_grad, evaluated with the *same*
-    dropout masks as the online branch (the RNG state is replayed), and x_r itself where r = 0 —
+    dropout masks as the online branch (replayed from the RNG state the online pass started from;
+    afterwards the stream goes on from where the online pass left it), and x_r itself where r = 0 —
     there D(x, 0) = x by the boundary condition, so D is never called at a noise level of 0.
     Returns (online, target), both (B, C, H, W).
     """
-    before = _rng_state(x_t.device)
+    start = rng_state(x_t.device)
     online = _call(D, x_t, t, class_labels)
-    after = _rng_state(x_t.device)
-    _set_rng_state(x_t.device, before)
     positive = r > 0
-    with torch.no_grad():
+    with torch.no_grad(), replayed(x_t.device, start):
         r_safe = torch.where(positive, r, t)                 # rows with r = 0 are discarded below
         target = _call(D, x_r, r_safe, class_labels)
         target = torch.where(_bcast(positive), target.to(online.dtype), x_r.to(online.dtype))
-    _set_rng_state(x_t.device, after)
     return online, target.detach()
 
 

@@ -1,5 +1,6 @@
-"""Run folders: what a run was trained on, when an existing folder may be continued, and what a
-failed first start leaves behind.
+"""Runs: the one place that creates, freezes, locks, continues and ends a training run
+(`train_run`, which returns a `RunResult`), and the rules of a run folder: what a run was trained on,
+when an existing folder may be continued, and what a failed first start leaves behind.
 
 Besides config.json a run folder holds `data.json`, the fingerprint of the dataset it was created
 with (size, image shape, classes and a sha256 of the uint8 images and labels the sampler reads), so
@@ -13,6 +14,9 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +28,109 @@ from .config import RunConfig, read_config
 from .errors import EctuneError
 
 DATA_FILE = "data.json"
-_OURS = ("config.json", "config.json.tmp", DATA_FILE, ".lock", "log.jsonl")   # what a start writes first
+LOCK = ".lock"             # held by the process training in a run folder (see `locked`)
+_OURS = ("config.json", "config.json.tmp", DATA_FILE, LOCK, "log.jsonl")   # what a start writes first
+
+# Fields that may change when a run is continued (budget and cadence), not what it is.
+RESUMABLE = {"steps", "ckpt_every", "sample_every", "log_every", "keep_ckpts", "max_nonfinite", "teacher", "data",
+             "engine", "eval"}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What `train_run` did: `status` is "trained" (it reached cfg.steps), "stopped" (a signal: the
+    checkpoint is saved, the same call continues it), "complete" (it was already at cfg.steps) or
+    "past" (already beyond cfg.steps: nothing to do). `state` holds the networks (D, ema.module)."""
+    out: Path
+    cfg: RunConfig
+    status: str
+    start_step: int
+    step: int
+    state: object
+
+
+def train_run(cfg: RunConfig, out: Path, ds, D, *, device, teacher=None, resume: str = "auto",
+              progress: bool = True, notes: tuple[str, ...] = ()) -> RunResult:
+    """Train the run `cfg` in `out` on `ds`, starting from network D: create the folder (config.json
+    with the schedule frozen by the method, data.json), or check that it holds this same run on the
+    same data and continue it exactly (`resume="never"` refuses that); hold its lock while training.
+    A bad config is refused before anything is written; a failed first start leaves nothing behind.
+    `notes` are printed (rank 0) once the run is open. Under torchrun every process calls this."""
+    from .training import check_trainable, train
+    out = Path(out)
+    check_trainable(cfg, D, len(ds), device)
+    cfg = freeze(cfg, out)
+    fp = data_fingerprint(ds, cfg.data) if distributed.is_main() else None
+    resumed = (out / "config.json").is_file()
+    with contextlib.ExitStack() as held, first_start(out), mismatch_names_data(out, cfg.data):
+        distributed.on_main(lambda: open_run(cfg, out, resume, fp, held))
+        for note in notes if distributed.is_main() else ():
+            print(f"ectune: note: {note}", file=sys.stderr)
+        state = train(cfg, out, ds, D, device=device, progress=progress, teacher=teacher,
+                      on_start=lambda s: started(cfg, out, fp, resumed, s))
+    status = ("stopped" if state.ended_early else "past" if state.start_step > cfg.steps else
+              "complete" if state.start_step == cfg.steps else "trained")
+    return RunResult(out, cfg, status, state.start_step, state.step, state)
+
+
+def freeze(cfg: RunConfig, out: Path) -> RunConfig:
+    """`cfg` with the schedule lengths that follow --steps fixed: by its method when the run is
+    created (ECT's stage length, iCT's curriculum), from its config.json when it is continued (so a
+    larger --steps extends the run instead of moving its stage boundaries)."""
+    from .methods import method
+    try:
+        old = read_config(Path(out) / "config.json") if (Path(out) / "config.json").is_file() else None
+    except EctuneError:
+        old = None                                  # open_run reports it
+    if old is None:
+        return method(cfg.loss.method).freeze(cfg)
+    L = cfg.loss
+    return replace(cfg, loss=replace(L, stage_iters=L.stage_iters or old.loss.stage_iters,
+                                     ict_total_steps=L.ict_total_steps or old.loss.ict_total_steps))
+
+
+def open_run(cfg: RunConfig, out: Path, resume: str, fp: dict | None, held: contextlib.ExitStack) -> None:
+    """Create the run folder (config.json, data.json: the data fingerprint `fp`), or check that an
+    existing one holds this same run on the same data (its config.json is rewritten only once
+    training starts, see `started`, so a refused resume changes nothing); lock it until `held` closes."""
+    if (out / "config.json").exists():
+        check_continuable(cfg, out, resume, fp, RESUMABLE)
+        held.enter_context(locked(out))
+        return
+    if out.exists() and (not out.is_dir() or not all(start_leftover(p.name) for p in out.iterdir())):
+        # (the lock, data.json and temporaries alone: a first start that was killed)
+        raise EctuneError(f"{out} exists and is not an ectune run folder; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EctuneError(f"cannot create {out} ({e}); check the permissions of its parent or choose another --out") from None
+    held.enter_context(locked(out))
+    if fp is not None:
+        record_data(out, fp)
+    write_config(out, cfg.to_json())
+
+
+@contextlib.contextmanager
+def locked(out: Path):
+    """Hold OUT/.lock, so that a second process on the same run folder is refused instead of
+    interleaving checkpoints. The OS drops the lock with the process, so a killed run leaves none
+    behind. (Not on Windows, which has no fcntl.)"""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(Path(out) / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise EctuneError(f"{out} is in use by another ectune process; wait for it to finish or choose "
+                          "another --out") from None
+    try:
+        yield
+    finally:
+        os.close(fd)                                # closing the descriptor releases its flock
 
 
 def data_fingerprint(ds, spec: str) -> dict:

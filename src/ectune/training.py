@@ -7,7 +7,6 @@ Checkpoints carry everything needed to continue: weights, EMA, optimizer, RNG an
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import signal
@@ -27,11 +26,11 @@ from .config import RunConfig
 from .data import BatchSampler, ImageDataset
 from .ema import EMA
 from .errors import EctuneError
-from .images import save_samples
-from .losses import cd_loss, ect_loss, edm2_loss, edm_loss, sct_loss
+from .images import from_uint8, save_samples
+from .methods import Draws, method
+from .rng import rng_state, set_rng_state
 from .monitor import Monitor, check_eval, eval_due, trim_metrics
 from .sampling import default_consistency_times, sample_images
-from .schedules import ect_r, ect_stage, ict_num_levels, ict_t_r, lognormal_sigma
 
 
 def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
@@ -50,8 +49,7 @@ def check_trainable(cfg: RunConfig, D: torch.nn.Module, n_items: int, device: to
     autocast_dtype(cfg.engine.precision, device)
     make_optimizer(cfg, D.parameters())                     # (no state until its first step)
     BatchSampler(n_items, cfg.batch, cfg.seed, rank=distributed.rank(), world_size=distributed.world_size())
-    if cfg.loss.method not in METHODS:
-        raise EctuneError(f"unknown loss.method {cfg.loss.method!r}; use one of {', '.join(METHODS)}")
+    method(cfg.loss.method)
     check_eval(cfg)
 
 
@@ -66,77 +64,20 @@ def lr_at(cfg: RunConfig, step: int) -> float:
     return lr
 
 
-METHODS = ("edm", "ect", "sct", "ict", "cd")
-
-
-@dataclass
-class Draws:
-    """The random draws of one iteration for the whole global batch: noise levels t (and r for the
-    consistency methods), the noise ε, and what to log (ECT stage or iCT levels). Every process draws
-    the same global batch from the same generator and takes its rows, so the result does not depend
-    on the number of processes or on gradient accumulation."""
-    step: int
-    t: torch.Tensor
-    r: torch.Tensor | None
-    noise: torch.Tensor
-    info: dict
-    refs: torch.Tensor | None = None        # SCT: dataset indices of the iteration's reference images
-    ref_images: torch.Tensor | None = None  # ... and those images in [-1, 1] (with their labels), shared by all rows
-    ref_labels: torch.Tensor | None = None
-
-    def rows(self, lo: int, hi: int) -> "Draws":
-        r = None if self.r is None else self.r[lo:hi]
-        return dataclasses.replace(self, t=self.t[lo:hi], r=r, noise=self.noise[lo:hi])
-
-    def with_refs(self, images: torch.Tensor, labels: torch.Tensor | None) -> "Draws":
-        """The reference images (and labels) of `refs`, from the run's uint8 dataset."""
-        if self.refs is None:
-            return self
-        return dataclasses.replace(self, ref_images=images[self.refs].to(torch.float32) / 127.5 - 1,
-                                   ref_labels=None if labels is None else labels[self.refs])
-
-
 def draw(cfg: RunConfig, n: int, shape, step: int, gen: torch.Generator, n_items: int = 0) -> Draws:
-    """Iteration `step`'s draws for n samples of `shape`. ECT and CD share the (t, r) schedule
-    (lognormal t, ECT's mapping function); iCT draws discrete Karras pairs with a doubling number of
-    levels; EDM needs only σ."""
-    L, dev = cfg.loss, gen.device
-    if L.method not in METHODS:
-        raise EctuneError(f"unknown loss.method {L.method!r}; use one of {', '.join(METHODS)}")
-    r, info = None, {}
-    if L.method == "ict":
-        levels = ict_num_levels(step, L.ict_total_steps or cfg.steps, L.ict_s0, L.ict_s1)
-        t, r = ict_t_r(n, levels, P_mean=L.P_mean, P_std=L.P_std, generator=gen, device=dev)
-        info = {"levels": levels}
-    else:
-        t = lognormal_sigma(n, L.P_mean, L.P_std, generator=gen, device=dev)
-    noise = torch.randn((n, *shape), generator=gen, device=dev)
-    refs = None
-    if L.method in ("ect", "sct", "cd"):
-        stage = ect_stage(step, cfg.stage_iters)
-        r = ect_r(t, stage, q=L.q, k=L.k, b=L.b)
-        q = torch.quantile(((t - r) / t).double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64, device=dev))
-        info = {"stage": stage, "dt_over_t": q}             # a tensor: read (a device sync) only when logged
-    if L.method == "sct" and L.sct_refs:       # the same references for every row, rank and micro-batch
-        refs = torch.randint(n_items, (L.sct_refs,), generator=gen, device=dev)
+    """Iteration `step`'s draws for n samples of `shape`, in a fixed order from the run generator:
+    the method's noise levels (t, r), the noise ε, then any reference-image indices (SCT)."""
+    m = method(cfg.loss.method)
+    t, r, info = m.times(cfg, n, step, gen)
+    noise = torch.randn((n, *shape), generator=gen, device=gen.device)
+    k = m.references(cfg)                   # the same references for every row, rank and micro-batch
+    refs = torch.randint(n_items, (k,), generator=gen, device=gen.device) if k else None
     return Draws(step, t, r, noise, info, refs)
 
 
 def batch_loss(cfg: RunConfig, D, x0, labels, d: Draws, teacher=None) -> torch.Tensor:
     """Per-sample loss (B,) of the method in `cfg.loss` for images x0 and their draws `d`."""
-    L = cfg.loss
-    kw = {"c": L.c, "weighting": L.weighting, "sigma_data": cfg.net.sigma_data, "class_labels": labels}
-    if L.method == "edm":                       # EDM2 networks with a logvar head train with EDM2's loss
-        loss = edm2_loss if cfg.net.logvar_channels else edm_loss
-        return loss(D, x0, d.t, d.noise, sigma_data=cfg.net.sigma_data, class_labels=labels)
-    if L.method in ("ect", "ict"):
-        return ect_loss(D, x0, d.t, d.r, d.noise, **kw)
-    if L.method == "sct":
-        refs = x0[:0] if d.ref_images is None else d.ref_images
-        return sct_loss(D, x0, d.t, d.r, d.noise, refs, ref_labels=d.ref_labels, **kw)
-    if teacher is None:
-        raise EctuneError("loss.method=cd needs a frozen teacher; pass --teacher")
-    return cd_loss(D, teacher, x0, d.t, d.r, d.noise, solver=L.cd_solver, **kw)
+    return method(cfg.loss.method).loss(cfg, D, x0, labels, d, teacher)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -163,7 +104,8 @@ class TrainState:
     step: int = 0
     start_step: int = 0                     # the step this command started (or resumed) at
     nonfinite_total: int = 0
-    stop_requested: bool = False
+    signalled: bool = False                 # a SIGINT/SIGTERM reached this process
+    ended_early: bool = False               # the loop stopped before cfg.steps (a signal on any rank)
     model: torch.nn.Module | None = None    # what the loss calls: D, or D wrapped by DDP / torch.compile
     teacher: torch.nn.Module | None = None  # CD's frozen teacher
     scaler: torch.amp.GradScaler | None = None
@@ -176,8 +118,9 @@ def state_tensors(s: TrainState) -> dict[str, torch.Tensor]:
 
 
 def _rng_states(device: torch.device):
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8)
-    return torch.get_rng_state(), cuda
+    """This rank's dropout RNG as a checkpoint stores it (an empty CUDA state on the CPU)."""
+    cpu, cuda = rng_state(device)
+    return cpu, torch.empty(0, dtype=torch.uint8) if cuda is None else cuda
 
 
 def save(run_dir: Path, cfg: RunConfig, s: TrainState) -> Path | None:
@@ -211,9 +154,7 @@ def restore(ckpt_dir: Path, s: TrainState) -> None:
     rank = distributed.rank()
     cpu_states, cuda_states = st.get("rank_cpu_rng", [st["cpu_rng"]]), st.get("rank_cuda_rng", [st["cuda_rng"]])
     if len(cpu_states) == distributed.world_size():
-        torch.set_rng_state(cpu_states[rank])
-        if cuda_states[rank].numel() and s.gen.device.type == "cuda":
-            torch.cuda.set_rng_state(cuda_states[rank], s.gen.device)
+        set_rng_state(s.gen.device, (cpu_states[rank], cuda_states[rank]))
     else:   # resumed on another number of processes: fresh, but still deterministic, dropout streams
         torch.manual_seed(int(st["step"]) * 1_000_003 + rank)
     if s.scaler is not None and st.get("scaler"):
@@ -266,12 +207,12 @@ def train(cfg: RunConfig, run_dir: Path, ds: ImageDataset, D: torch.nn.Module, *
     is split across processes (and into `engine.micro_batch` chunks), gradients are averaged by DDP,
     and rank 0 alone writes logs, grids and checkpoints.
     """
-    run_dir, rank = Path(run_dir), distributed.rank()
-    amp_dtype = autocast_dtype(cfg.engine.precision, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.engine.tf32
+    with engine_scope(cfg, device):
+        return _train(cfg, Path(run_dir), ds, D, device, progress and distributed.is_main(), teacher, on_start)
+
+
+def _train(cfg, run_dir, ds, D, device, progress, teacher, on_start) -> TrainState:
     s = new_state(cfg, D, len(ds), device, teacher=teacher)
-    torch.manual_seed(cfg.seed + rank)                      # dropout streams differ between ranks
     ckpts = ckpt.checkpoint_folders(run_dir)                # damaged ones too: the latest is never skipped
     if ckpts:
         with ckpt.resuming(ckpts[-1], ckpts[-2] if len(ckpts) > 1 else None):
@@ -286,7 +227,7 @@ def train(cfg: RunConfig, run_dir: Path, ds: ImageDataset, D: torch.nn.Module, *
         trim_metrics(run_dir, s.step)
     s.model = wrap_model(cfg, s.D, device)
     with _stop_on_signal(s):
-        _loop(cfg, run_dir, ds, s, device, progress and distributed.is_main(), amp_dtype)
+        _loop(cfg, run_dir, ds, s, device, progress, autocast_dtype(cfg.engine.precision, device))
     latest = distributed.on_main(lambda: [p.name for p in ckpt.list_checkpoints(run_dir)][-1:])
     if latest != [f"{s.step:08d}"]:                         # stopped by a signal, or the last steps were skipped
         save(run_dir, cfg, s)
@@ -317,11 +258,32 @@ def wrap_model(cfg: RunConfig, D: torch.nn.Module, device: torch.device) -> torc
     if distributed.world_size() > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             D, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    if cfg.engine.compile:
-        import torch._inductor.config as inductor_config
-        inductor_config.fallback_random = True              # dropout masks must replay exactly (ECT §4.5)
+    if cfg.engine.compile:                                  # (inside engine_scope: masks replay exactly)
         model = torch.compile(model)
     return model
+
+
+@contextlib.contextmanager
+def engine_scope(cfg: RunConfig, device: torch.device):
+    """The process-wide settings a run needs, for the run only: TF32 on CUDA (engine.tf32), inductor's
+    eager random ops under engine.compile (the target pass must replay the online pass's dropout masks,
+    ECT §4.5), and the global RNG that dropout draws from, seeded per rank (streams differ between
+    ranks); each is put back when the run returns."""
+    with contextlib.ExitStack() as stack:
+        if device.type == "cuda":
+            old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+            stack.callback(_set_tf32, *old)
+            _set_tf32(cfg.engine.tf32, cfg.engine.tf32)
+        if cfg.engine.compile:
+            import torch._inductor.config as inductor_config
+            stack.enter_context(inductor_config.patch(fallback_random=True))
+        stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
+        torch.manual_seed(cfg.seed + distributed.rank())
+        yield
+
+
+def _set_tf32(matmul: bool, cudnn: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 @contextlib.contextmanager
@@ -332,7 +294,7 @@ def _stop_on_signal(s: TrainState):
         return
 
     def handler(signum, frame):
-        s.stop_requested = True
+        s.signalled = True
 
     old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -355,7 +317,7 @@ def _accumulate(cfg, s: TrainState, images, labels, idx, amp_dtype) -> tuple[tor
     total = torch.zeros((), device=images.device)
     for a in range(0, local, micro):
         b = min(a + micro, local)
-        x0 = images[idx[a:b]].to(torch.float32) / 127.5 - 1
+        x0 = from_uint8(images[idx[a:b]])
         if cfg.engine.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         last = b == local
@@ -381,18 +343,13 @@ def _loop(cfg, run_dir, ds, s: TrainState, device, progress, amp_dtype):
     log = open(run_dir / "log.jsonl", "a") if main else None     # noqa: SIM115 (closed in finally)
     monitor, started = (Monitor(cfg, run_dir, device, progress=progress) if main else None), time.time()
     try:
-        while s.step < cfg.steps and not stop:        # `stop` is agreed by all ranks, s.stop_requested is local
+        while s.step < cfg.steps and not stop:        # `stop` is agreed by all ranks, s.signalled is local
             loss, info, stop = iteration(cfg, s, images, labels, amp_dtype)
             finite = bool(torch.isfinite(loss)) and grads_finite(params)
             bad_run = 0 if finite else bad_run + 1
-            if finite:
-                update(cfg, s)
-            else:                                          # skipped: counted, and stopped after a run of them
-                s.nonfinite_total += 1
-                if s.scaler is not None:
-                    s.scaler.update()                      # lowers the fp16 loss scale
+            update(cfg, s, finite)
+            if not finite:                                 # skipped: counted, and stopped after a run of them
                 _check_nonfinite(cfg, run_dir, s, info, bad_run)
-                s.step += 1
             bar.update(1)
             if main and finite and (s.step % cfg.log_every == 0 or s.step == cfg.steps):
                 rec = {"step": s.step, "kimg": s.step * cfg.batch / 1000, "loss": loss.item(),
@@ -412,7 +369,7 @@ def _loop(cfg, run_dir, ds, s: TrainState, device, progress, amp_dtype):
                 for path in (paths or []) if monitor is not None else []:
                     monitor.grid(path, s.step)
     finally:
-        s.stop_requested = stop and s.step < cfg.steps   # a stop during the last step: the run is complete
+        s.ended_early = stop and s.step < cfg.steps      # a stop during the last step: the run is complete
         if log is not None:
             log.close()
         if monitor is not None:
@@ -438,21 +395,29 @@ def iteration(cfg, s: TrainState, images, labels, amp_dtype) -> tuple[torch.Tens
     if s.scaler is not None:
         s.scaler.unscale_(s.opt)
     stats = distributed.all_reduce_sum(torch.stack([loss_sum.float(), torch.tensor(
-        float(s.stop_requested), device=images.device)]))
+        float(s.signalled), device=images.device)]))
     return stats[0] / cfg.batch, info, bool(stats[1] > 0)
 
 
-def update(cfg, s: TrainState) -> None:
-    """Optimizer step at this iteration's learning rate, then the EMA; advances s.step."""
-    for g in s.opt.param_groups:
-        g["lr"] = lr_at(cfg, s.step)
-    if s.scaler is not None:
-        s.scaler.step(s.opt)
-        s.scaler.update()
+def update(cfg, s: TrainState, finite: bool = True) -> None:
+    """End iteration s.step: the optimizer step at its learning rate and the EMA when its loss and
+    gradients are finite; else skip it (its gradients dropped, counted, fp16's loss scale lowered).
+    Either way s.step advances, here only."""
+    if finite:
+        for g in s.opt.param_groups:
+            g["lr"] = lr_at(cfg, s.step)
+        if s.scaler is not None:
+            s.scaler.step(s.opt)
+        else:
+            s.opt.step()
     else:
-        s.opt.step()
+        s.opt.zero_grad(set_to_none=True)
+        s.nonfinite_total += 1
+    if s.scaler is not None:
+        s.scaler.update()
     s.step += 1
-    s.ema.update(s.D, s.step)
+    if finite:
+        s.ema.update(s.D, s.step)
 
 
 class _Rate:
@@ -469,10 +434,10 @@ class _Rate:
 
 
 def _check_nonfinite(cfg, run_dir, s: TrainState, info, bad_run: int) -> None:
-    s.opt.zero_grad(set_to_none=True)
+    """Stop the run (EctuneError) after `max_nonfinite` skipped iterations in a row."""
     if bad_run >= cfg.max_nonfinite:
         last = ckpt.list_checkpoints(run_dir)
         where = last[-1] if last else "none yet"
-        raise EctuneError(f"{bad_run} non-finite losses/gradients in a row at step {s.step + 1}"   # as in the log
+        raise EctuneError(f"{bad_run} non-finite losses/gradients in a row at step {s.step}"       # as in the log
                           f"{' (stage %d)' % info['stage'] if 'stage' in info else ''}; stopped. "
                           f"Last good checkpoint: {where}. Lower optim.lr or check the data.")
