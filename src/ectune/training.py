@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,22 +23,12 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import RunConfig
 from .data import BatchSampler, ImageDataset
-from .ema import EMA
 from .errors import EctuneError
 from .images import from_uint8, save_samples
 from .methods import Draws, method
-from .rng import rng_state, set_rng_state
+from .trainstate import TrainState, autocast_dtype, make_optimizer, new_state, restore, save
 from .monitor import Monitor, check_eval, eval_due, trim_metrics
 from .sampling import default_consistency_times, sample_images
-
-
-def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
-    o = cfg.optim
-    if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, betas=o.betas, eps=o.eps)
-    if o.name == "radam":
-        return torch.optim.RAdam(params, lr=o.lr, betas=o.betas, eps=o.eps)
-    raise EctuneError(f"unknown optimizer {o.name!r}; use optim.name=adam or radam")
 
 
 def check_trainable(cfg: RunConfig, D: torch.nn.Module, n_items: int, device: torch.device) -> None:
@@ -78,88 +67,6 @@ def draw(cfg: RunConfig, n: int, shape, step: int, gen: torch.Generator, n_items
 def batch_loss(cfg: RunConfig, D, x0, labels, d: Draws, teacher=None) -> torch.Tensor:
     """Per-sample loss (B,) of the method in `cfg.loss` for images x0 and their draws `d`."""
     return method(cfg.loss.method).loss(cfg, D, x0, labels, d, teacher)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of an `engine.precision` setting on `device` (None: full fp32)."""
-    if precision == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else None
-    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in table:
-        raise EctuneError(f"unknown engine.precision {precision!r}; use auto, fp32, bf16 or fp16")
-    if precision == "fp16" and device.type != "cuda":
-        raise EctuneError("engine.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
-    return table[precision]
-
-
-@dataclass
-class TrainState:
-    """What moves between iterations and into checkpoints."""
-    D: torch.nn.Module                      # the network itself (its weights are the checkpoint's)
-    ema: EMA
-    opt: torch.optim.Optimizer
-    sampler: BatchSampler
-    gen: torch.Generator
-    step: int = 0
-    start_step: int = 0                     # the step this command started (or resumed) at
-    nonfinite_total: int = 0
-    signalled: bool = False                 # a SIGINT/SIGTERM reached this process
-    ended_early: bool = False               # the loop stopped before cfg.steps (a signal on any rank)
-    model: torch.nn.Module | None = None    # what the loss calls: D, or D wrapped by DDP / torch.compile
-    teacher: torch.nn.Module | None = None  # CD's frozen teacher
-    scaler: torch.amp.GradScaler | None = None
-
-
-def state_tensors(s: TrainState) -> dict[str, torch.Tensor]:
-    out = {f"net.{k}": v for k, v in s.D.state_dict().items()}
-    out.update({f"ema.{k}": v for k, v in s.ema.module.state_dict().items()})
-    return out
-
-
-def _rng_states(device: torch.device):
-    """This rank's dropout RNG as a checkpoint stores it (an empty CUDA state on the CPU)."""
-    cpu, cuda = rng_state(device)
-    return cpu, torch.empty(0, dtype=torch.uint8) if cuda is None else cuda
-
-
-def save(run_dir: Path, cfg: RunConfig, s: TrainState) -> Path | None:
-    """Checkpoint written by rank 0; every rank contributes its own CPU/CUDA RNG state."""
-    rngs = distributed.all_gather_object(_rng_states(s.gen.device))
-
-    def write() -> Path:
-        train_state = {
-            "step": s.step, "optimizer": s.opt.state_dict(), "sampler": s.sampler.state_dict(),
-            "gen": s.gen.get_state(), "cpu_rng": rngs[0][0], "cuda_rng": rngs[0][1],
-            "rank_cpu_rng": [c for c, _ in rngs], "rank_cuda_rng": [g for _, g in rngs],
-            "nonfinite_total": s.nonfinite_total,
-            "scaler": s.scaler.state_dict() if s.scaler is not None else {},
-        }
-        return ckpt.save_checkpoint(run_dir, s.step, cfg, state_tensors(s), train_state, keep=cfg.keep_ckpts)
-    return distributed.on_main(write)               # a failed write stops every rank with its message
-
-
-def restore(ckpt_dir: Path, s: TrainState) -> None:
-    """Load a checkpoint into `s` (weights, EMA, optimizer, RNG of this rank, data position)."""
-    _, tensors, _ = ckpt.read_weights(ckpt_dir / "model.safetensors")
-    ckpt.load_state_checked(s.D, ckpt.split_prefix(tensors, "net"), str(ckpt_dir))
-    ckpt.load_state_checked(s.ema.module, ckpt.split_prefix(tensors, "ema"), str(ckpt_dir))
-    st = ckpt.read_train_state(ckpt_dir)
-    s.opt.load_state_dict(st["optimizer"])
-    if st["sampler"].get("n") != s.sampler.n:
-        raise ckpt.RunMismatch(f"its checkpoint {ckpt_dir} was trained on {st['sampler'].get('n')} images but the "
-                               f"data has {s.sampler.n}")
-    s.sampler.load_state_dict(st["sampler"])
-    s.gen.set_state(st["gen"])
-    rank = distributed.rank()
-    cpu_states, cuda_states = st.get("rank_cpu_rng", [st["cpu_rng"]]), st.get("rank_cuda_rng", [st["cuda_rng"]])
-    if len(cpu_states) == distributed.world_size():
-        set_rng_state(s.gen.device, (cpu_states[rank], cuda_states[rank]))
-    else:   # resumed on another number of processes: fresh, but still deterministic, dropout streams
-        torch.manual_seed(int(st["step"]) * 1_000_003 + rank)
-    if s.scaler is not None and st.get("scaler"):
-        s.scaler.load_state_dict(st["scaler"])
-    s.step, s.nonfinite_total = int(st["step"]), int(st["nonfinite_total"])
 
 
 def grads_finite(params) -> bool:
@@ -232,24 +139,6 @@ def _train(cfg, run_dir, ds, D, device, progress, teacher, on_start) -> TrainSta
     if latest != [f"{s.step:08d}"]:                         # stopped by a signal, or the last steps were skipped
         save(run_dir, cfg, s)
     return s
-
-
-def new_state(cfg: RunConfig, D: torch.nn.Module, n_items: int, device: torch.device, *,
-              teacher: torch.nn.Module | None = None) -> TrainState:
-    """A fresh TrainState: D on `device` in train mode (channels_last if asked), its EMA, the optimizer,
-    this rank's batch sampler over `n_items`, the noise generator, CD's frozen teacher, and an fp16
-    loss scaler when engine.precision is fp16. `model` is D itself until `wrap_model`."""
-    D = D.to(device).train()
-    if cfg.engine.channels_last:
-        D = D.to(memory_format=torch.channels_last)
-    fp16 = autocast_dtype(cfg.engine.precision, device) == torch.float16
-    return TrainState(D=D, ema=EMA(D, cfg.ema.kind, cfg.ema.sigma_rel, cfg.ema.beta),
-                      opt=make_optimizer(cfg, D.parameters()),
-                      sampler=BatchSampler(n_items, cfg.batch, cfg.seed, rank=distributed.rank(),
-                                           world_size=distributed.world_size()),
-                      gen=torch.Generator(device=device).manual_seed(cfg.seed), model=D,
-                      teacher=None if teacher is None else teacher.to(device).eval().requires_grad_(False),
-                      scaler=torch.amp.GradScaler(device.type, init_scale=2.0**12) if fp16 else None)
 
 
 def wrap_model(cfg: RunConfig, D: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -338,8 +227,7 @@ def _loop(cfg, run_dir, ds, s: TrainState, device, progress, amp_dtype):
     params = [p for p in s.D.parameters() if p.requires_grad]
     main = distributed.is_main()
     bar = tqdm(total=cfg.steps, initial=s.step, disable=not progress, unit="it", dynamic_ncols=True)
-    rate = _Rate(s.step, cfg.batch)
-    bad_run, stop = 0, False
+    rate, bad_run, stop = _Rate(s.step, cfg.batch), 0, False
     log = open(run_dir / "log.jsonl", "a") if main else None     # noqa: SIM115 (closed in finally)
     monitor, started = (Monitor(cfg, run_dir, device, progress=progress) if main else None), time.time()
     try:
@@ -348,33 +236,45 @@ def _loop(cfg, run_dir, ds, s: TrainState, device, progress, amp_dtype):
             finite = bool(torch.isfinite(loss)) and grads_finite(params)
             bad_run = 0 if finite else bad_run + 1
             update(cfg, s, finite)
+            bar.update(1)
             if not finite:                                 # skipped: counted, and stopped after a run of them
                 _check_nonfinite(cfg, run_dir, s, info, bad_run)
-            bar.update(1)
-            if main and finite and (s.step % cfg.log_every == 0 or s.step == cfg.steps):
-                rec = {"step": s.step, "kimg": s.step * cfg.batch / 1000, "loss": loss.item(),
-                       "lr": lr_at(cfg, s.step - 1), "img_per_s": rate.since_last(s.step),
-                       "nonfinite_skipped": s.nonfinite_total, **_loggable(info)}
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                monitor.log(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4g}", img_s=f"{rec['img_per_s']:.0f}",
-                                **{k: v for k, v in info.items() if not isinstance(v, torch.Tensor)})
-            if finite and eval_due(cfg, s.step):          # before its checkpoint: a resume redoes it or has it
-                distributed.on_main(lambda: monitor.evaluate(s, started))
-            if finite and (s.step % cfg.ckpt_every == 0 or s.step == cfg.steps):   # checkpoints stay "good"
-                save(run_dir, cfg, s)
-            if finite and (s.step % cfg.sample_every == 0 or s.step == cfg.steps):
-                paths = distributed.on_main(lambda: write_grid(run_dir, cfg, s, tuple(ds.images.shape[1:])))
-                for path in (paths or []) if monitor is not None else []:
-                    monitor.grid(path, s.step)
+                continue
+            if main and (s.step % cfg.log_every == 0 or s.step == cfg.steps):
+                _log(cfg, s, loss, info, rate, log, monitor, bar)
+            _at_cadence(cfg, run_dir, s, tuple(ds.images.shape[1:]), monitor, started)
     finally:
         s.ended_early = stop and s.step < cfg.steps      # a stop during the last step: the run is complete
-        if log is not None:
-            log.close()
-        if monitor is not None:
-            monitor.close()
+        for closing in (log, monitor):
+            if closing is not None:
+                closing.close()
         bar.close()
+
+
+def _log(cfg, s: TrainState, loss, info, rate, log, monitor, bar) -> None:
+    """One record of log.jsonl (and TensorBoard, and the bar's postfix) after a finite step."""
+    rec = {"step": s.step, "kimg": s.step * cfg.batch / 1000, "loss": loss.item(),
+           "lr": lr_at(cfg, s.step - 1), "img_per_s": rate.since_last(s.step),
+           "nonfinite_skipped": s.nonfinite_total, **_loggable(info)}
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+    monitor.log(rec)
+    bar.set_postfix(loss=f"{rec['loss']:.4g}", img_s=f"{rec['img_per_s']:.0f}",
+                    **{k: v for k, v in info.items() if not isinstance(v, torch.Tensor)})
+
+
+def _at_cadence(cfg, run_dir, s: TrainState, shape, monitor, started: float) -> None:
+    """What a finite step s.step is due: the in-loop evaluation (before its checkpoint: a resume redoes
+    it or has it), the checkpoint (so checkpoints stay "good"), the sample grid."""
+    last = s.step == cfg.steps
+    if eval_due(cfg, s.step):
+        distributed.on_main(lambda: monitor.evaluate(s, started))
+    if s.step % cfg.ckpt_every == 0 or last:
+        save(run_dir, cfg, s)
+    if s.step % cfg.sample_every == 0 or last:
+        paths = distributed.on_main(lambda: write_grid(run_dir, cfg, s, shape))
+        for path in (paths or []) if monitor is not None else []:
+            monitor.grid(path, s.step)
 
 
 def _loggable(info: dict) -> dict:
