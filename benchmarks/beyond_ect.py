@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ect_benchmark import Cache, consistency_rows, iteration_seconds
-from ectune.cli import main as ectune
+from ect_benchmark import consistency_rows
+from ectune.bench import RowCache, iteration_seconds, tune_run
 from ectune.evaluate import reference
 
 RECIPES = {
@@ -36,21 +36,6 @@ RECIPES = {
     "ect-pm06": ("ect", ["loss.P_mean=-0.6"]),
     "sct-pm06": ("sct", ["loss.P_mean=-0.6"]),
 }
-
-
-def tune(runs: Path, name: str, teacher: str, method: str, sets: list[str], steps: int, batch: int,
-         seed: int) -> Path:
-    out = runs / f"{name}-{steps}-s{seed}"
-    if (out / "checkpoints" / f"{steps:08d}").is_dir():        # finished: skip the run folder's lock
-        return out
-    args = ["tune", "--method", method, "--teacher", teacher, "--data", "fashion-mnist", "--preset", "fmnist",
-            "--steps", str(steps), "--batch", str(batch), "--seed", str(seed), "--set", "ckpt_every=50",
-            "--set", f"sample_every={steps}", "--set", "log_every=10", "--out", str(out), "--no-progress"]
-    for s in sets:
-        args += ["--set", s]
-    if ectune(args) != 0:
-        raise SystemExit(f"ectune tune failed: {' '.join(args)}")
-    return out
 
 
 def summarise(rows: dict, cost: dict) -> dict:
@@ -125,14 +110,15 @@ def main() -> None:
                     "(for a process that runs while another one does: timings would be skewed)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    out, runs, cache = Path(args.out), Path(args.runs), Cache(Path(args.out))
+    out, runs, cache = Path(args.out), Path(args.runs), RowCache(Path(args.out))
     torch.manual_seed(0)
     ref, seeds = reference(), list(range(args.n))
     rows: dict = {}
     for name in args.recipes.split(","):
         method, sets = RECIPES[name]
         for seed in (int(s) for s in args.seeds.split(",")):
-            run = tune(runs, name, args.teacher, method, sets, args.steps, args.batch, seed)
+            run = tune_run(runs / f"{name}-{args.steps}-s{seed}", args.teacher, method, steps=args.steps,
+                           batch=args.batch, seed=seed, overrides=sets)
             rows.setdefault(name, {})[seed] = consistency_rows(cache, run, f"{name}-{args.steps}-s{seed}", seeds,
                                                                ref, args.n_search)
     if args.no_cost:

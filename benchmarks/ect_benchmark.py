@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 
 from ectune import __version__
-from ectune.cli import main as ectune
+from ectune.bench import RowCache, iteration_seconds, train_seconds, tune_run
 from ectune.evaluate import fd_only, reference, score_samples
 from ectune.midtime import (
     HELDOUT_SEED0,
@@ -51,68 +50,6 @@ MID_GRID = (0.2, 10.0, 11)                       # candidate mid times, log-spac
 BATCH = 128                                      # sampling batch: faster on CPU than larger ones
 
 
-class Cache:
-    """One JSON file per finished piece of work."""
-
-    def __init__(self, root: Path):
-        self.root = root / "rows"
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def get(self, name: str, fn, *, wait: bool = True):
-        """The cached value of `name`, computing it with `fn` if no process has. A second process running
-        the same command skips the rows the first one is computing (`wait=False` returns None for them),
-        so two processes share the work of one benchmark."""
-        path, claim = self.root / f"{name}.json", self.root / f"{name}.claim"
-        while not path.exists():
-            try:
-                fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if not _claim_alive(claim):
-                    claim.unlink(missing_ok=True)
-                    continue
-                if not wait:
-                    return None
-                time.sleep(5)
-                continue
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            try:
-                if path.exists():                # finished by another process since the check
-                    break
-                t0 = time.perf_counter()
-                value = fn()
-                value["bench_seconds"] = round(time.perf_counter() - t0, 1)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(value, indent=1))
-                tmp.replace(path)
-                print(f"[{time.strftime('%H:%M:%S')}] {name}: " + ", ".join(
-                    f"{k} {v:.4g}" for k, v in value.items() if isinstance(v, float)), flush=True)
-                return value
-            finally:
-                claim.unlink(missing_ok=True)
-        return json.loads(path.read_text())
-
-
-def _claim_alive(claim: Path) -> bool:
-    """Whether the process that wrote `claim` still runs (a claim being written counts as alive)."""
-    try:
-        pid = int(claim.read_text())
-    except FileNotFoundError:
-        return True                              # released just now: the loop looks again
-    except ValueError:
-        try:
-            return time.time() - claim.stat().st_mtime < 60
-        except FileNotFoundError:
-            return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def score_row(D, seeds, ref, *, label: str, **sampler) -> dict:
     t0 = time.perf_counter()
     x = sample_images(D, seeds, SHAPE, batch=BATCH, **sampler)
@@ -128,27 +65,6 @@ def teacher_row(D, seeds, ref, family: str, nfe: int, who: str = "teacher") -> d
     else:
         kw, sampler = {"sampler": "dpmpp2m", "dpm_nfe": nfe}, "DPM-Solver++(2M)"
     return {**score_row(D, seeds, ref, label=f"{who} {sampler} {nfe} NFE", **kw), "nfe": nfe, "family": family}
-
-
-def train_seconds(run: Path) -> float:
-    """Compute seconds of a (possibly resumed) run, from its logged throughput (ectune.report's rule)."""
-    from ectune.config import read_config
-    from ectune.report import read_records
-    from ectune.report import train_seconds as logged_seconds
-    return logged_seconds(read_config(run / "config.json"), read_records(run / "log.jsonl"))
-
-
-def tune(runs: Path, name: str, teacher: str, method: str, steps: int, batch: int, data: str = "fashion-mnist") -> Path:
-    out = runs / name
-    if (out / "checkpoints" / f"{steps:08d}").is_dir():    # finished: skip the run folder's lock
-        return out
-    args = ["tune", "--method", method, "--teacher", teacher, "--data", data, "--preset", "fmnist",
-            "--steps", str(steps), "--batch", str(batch), "--set", "ckpt_every=50",
-            "--set", f"sample_every={steps}", "--set", "log_every=10", "--out", str(out), "--no-progress"]
-    code = ectune(args)
-    if code != 0:
-        raise SystemExit(f"ectune tune failed ({code}): {' '.join(args)}")
-    return out
 
 
 def consistency_rows(cache, run: Path, name: str, seeds, ref, n_search: int) -> dict:
@@ -170,31 +86,6 @@ def consistency_rows(cache, run: Path, name: str, seeds, ref, n_search: int) -> 
         D, seeds, ref, label=f"{name} 2 steps (mid {mid[0]:.3g})", ts=[80.0, *mid]))
     return {"1step": one, "2step": two, "mid_ts": mid, "train_seconds": train_seconds(run),
             "images": cfg.steps * cfg.batch}
-
-
-def iteration_seconds(teacher: str, methods, batch: int, reps: int = 12) -> dict:
-    """Median seconds of one training iteration per method ("edm" = pretraining) on the teacher's network,
-    the methods' iterations interleaved so that a drift of the machine's speed affects them alike."""
-    import copy
-    from dataclasses import replace
-
-    from ectune.config import preset
-    from ectune.training import iteration, new_state, update
-    D, t_cfg = load_denoiser(teacher)
-    images = torch.randint(0, 256, (4 * batch, *SHAPE), dtype=torch.uint8)
-    runs = {}
-    for m in methods:
-        base = preset("fmnist", "pretrain" if m == "edm" else "tune")
-        cfg = replace(base, batch=batch, net=t_cfg.net, loss=replace(base.loss, method=m))
-        runs[m] = (cfg, new_state(cfg, copy.deepcopy(D).train(), len(images), torch.device("cpu")))
-    times = {m: [] for m in methods}
-    for _ in range(reps + 2):
-        for m, (cfg, s) in runs.items():
-            t0 = time.perf_counter()
-            iteration(cfg, s, images, None, None)
-            update(cfg, s)
-            times[m].append(time.perf_counter() - t0)
-    return {m: float(np.median(v[2:])) for m, v in times.items()}
 
 
 def iteration_cost(teacher: str, batch: int, iters: int = 8) -> dict:
@@ -259,7 +150,7 @@ def main() -> None:
     ap.add_argument("--inception-n", type=int, default=500)
     args = ap.parse_args()
     out, runs = Path(args.out), Path(args.runs)
-    cache = Cache(out)
+    cache = RowCache(out)
     torch.manual_seed(0)
     ref = reference()
     seeds = list(range(args.n))
@@ -305,11 +196,11 @@ def main() -> None:
     for width, teacher in teachers.items():
         for steps in widths_budgets[width]:
             name = f"ect-{width}-{steps}"
-            run = tune(runs, name, teacher, "ect", steps, args.batch)
+            run = tune_run(runs / name, teacher, "ect", steps=steps, batch=args.batch)
             models[name] = consistency_rows(cache, run, name, seeds_c, ref, args.n_search)
     for method in ("ict", "cd"):
         name = f"{method}-w16-{cmp_}"
-        run = tune(runs, name, args.teacher, method, cmp_, args.batch)
+        run = tune_run(runs / name, args.teacher, method, steps=cmp_, batch=args.batch)
         models[name] = consistency_rows(cache, run, name, seeds_c, ref, args.n_search)
     # The headline ECT run on the teacher rows' seeds (part 1).
     ect = consistency_rows(cache, runs / f"ect-w16-{big}", f"ect-w16-{big}", seeds, ref, args.n_search)

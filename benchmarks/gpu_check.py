@@ -23,7 +23,7 @@ import torch
 from ectune import __version__
 from ectune.config import preset
 from ectune.models import build_denoiser, resolve_device
-from ectune.training import autocast_dtype, batch_loss, draw, iteration, new_state, update, wrap_model
+from ectune.training import batch_loss, draw, stepping
 
 
 def measure(cfg, device, seconds: float, warmup: int) -> dict:
@@ -32,14 +32,11 @@ def measure(cfg, device, seconds: float, warmup: int) -> dict:
     n, c, r = 4 * cfg.batch, cfg.net.in_channels, cfg.net.img_resolution
     images = torch.randint(0, 256, (n, c, r, r), dtype=torch.uint8, device=device)
     labels = torch.randint(0, max(cfg.net.label_dim, 1), (n,), device=device) if cfg.net.label_dim else None
-    amp = autocast_dtype(cfg.engine.precision, device)
-    s = new_state(cfg, build_denoiser(cfg.net), n, device)
-    s.model = wrap_model(cfg, s.D, device)
+    with stepping(cfg, build_denoiser(cfg.net), images, labels, device=device) as step:
+        return _timed(step, cfg, device, seconds, warmup)
 
-    def step():
-        iteration(cfg, s, images, labels, amp)
-        update(cfg, s)
 
+def _timed(step, cfg, device, seconds: float, warmup: int) -> dict:
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()

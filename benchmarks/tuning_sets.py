@@ -22,7 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import numpy as np  # noqa: E402
-from ect_benchmark import Cache, consistency_rows, score_row, tune  # noqa: E402
+from ect_benchmark import consistency_rows, score_row  # noqa: E402
+
+from ectune.bench import RowCache, tune_run  # noqa: E402
 
 from ectune.cli import main as ectune  # noqa: E402
 from ectune.data import load_dataset  # noqa: E402
@@ -66,7 +68,7 @@ def main() -> None:
     args = ap.parse_args()
     out, runs = Path(args.out), Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
-    cache, ref, seeds = Cache(out), reference(), list(range(args.n))
+    cache, ref, seeds = RowCache(out), reference(), list(range(args.n))
     sets = [("real", "fashion-mnist", None),
             (f"subset-{args.subset.replace(',', '')}", f"fashion-mnist[classes={args.subset}]", None)]
     sets += [(f"synth-{size}", str(runs / f"synth-{size}-{args.synth}{args.nfe}.npz"), size)
@@ -84,7 +86,8 @@ def main() -> None:
         if name == "real" and reusable(args):
             run = Path(args.real_run)
         else:
-            run = tune(runs, f"ect-{name}-{args.steps}", args.teacher, "ect", args.steps, args.batch, data=data)
+            run = tune_run(runs / f"ect-{name}-{args.steps}", args.teacher, "ect", steps=args.steps, batch=args.batch,
+                           data=data)
         rows[name] = {"data": data, "set_fd": own["fd"], "set_size": len(ds),
                       **consistency_rows(cache, run, f"{name}-{args.steps}", seeds, ref, args.n_search)}
         if name.startswith("subset-"):          # also against the test images of its own classes

@@ -1,26 +1,16 @@
-"""The benchmark's row cache: two processes running the same benchmark share its rows, each row is
-computed once, and a claim left by a killed process is taken over."""
+"""The benchmarks' row cache (ectune.bench.RowCache): two processes running the same benchmark share
+its rows, each row is computed once, and a claim left by a killed process is taken over."""
 
-import importlib.util
 import multiprocessing as mp
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "ect_benchmark.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("ect_benchmark", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _worker(root: str, names: list[str]) -> None:
     import time
-    cache = _module().Cache(Path(root))
+    from ectune.bench import RowCache
+    cache = RowCache(Path(root))
 
     def compute(name):
         with open(Path(root) / "computed.txt", "a") as f:
@@ -50,7 +40,8 @@ def test_two_processes_compute_each_row_once(tmp_path):
 
 
 def test_a_live_claim_is_skipped_and_a_dead_one_taken_over(tmp_path):
-    cache = _module().Cache(tmp_path)
+    from ectune.bench import RowCache
+    cache = RowCache(tmp_path)
     (tmp_path / "rows" / "a.claim").write_text(str(os.getpid()))
     assert cache.get("a", lambda: {"value": 1.0}, wait=False) is None
     assert not (tmp_path / "rows" / "a.json").exists()

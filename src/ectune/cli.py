@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from . import __version__, distributed
-from .config import RunConfig, apply_overrides, preset, preset_names
+from .config import RunConfig, preset, preset_names
 from .cliargs import check_args, check_model_args
 from .errors import EctuneError
 
@@ -45,29 +43,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 def _configure(args, base: RunConfig) -> RunConfig:
     """Preset → flags → --set overrides."""
-    cfg = base
-    flags = {"batch": args.batch, "seed": args.seed, "ckpt_every": args.ckpt_every, "data": args.data}
-    cfg = replace(cfg, **{k: v for k, v in flags.items() if v is not None})
-    cfg = apply_overrides(cfg, args.set)
-    if args.steps is not None:
-        cfg = replace(cfg, steps=args.steps)
-    elif args.kimg is not None:
-        cfg = replace(cfg, steps=max(1, math.ceil(args.kimg * 1000 / cfg.batch)))
-    if cfg.steps < 1 or cfg.batch < 1:
-        raise EctuneError("--steps/--kimg and --batch must be positive")
-    return _preset_eval_fits(args, cfg)
-
-
-def _preset_eval_fits(args, cfg: RunConfig) -> RunConfig:
-    """A preset's default in-loop evaluation that does not fit the data (the classifier metric on data
-    that is not Fashion-MNIST) is turned off, with a note printed once the run starts (args.notes); one
-    asked for with --set eval.* is checked (and refused) by the training layer instead."""
-    from .monitor import eval_fits
-    if cfg.eval.every_kimg <= 0 or eval_fits(cfg) or any(o.strip().startswith("eval.") for o in args.set):
-        return cfg
-    args.notes = [f"in-loop evaluation off: its {cfg.eval.metric} metric does not fit --data {cfg.data}; "
-                  "--set eval.metric=inception to score this data during training"]
-    return replace(cfg, eval=replace(cfg.eval, every_kimg=0.0))
+    from .start import configure, fit_preset_eval
+    cfg = configure(base, overrides=args.set, steps=args.steps, kimg=args.kimg, batch=args.batch, seed=args.seed,
+                    ckpt_every=args.ckpt_every, data=args.data)
+    cfg, args.notes = fit_preset_eval(cfg, args.set)
+    return cfg
 
 
 def _train_run(args, cfg: RunConfig, ds, D, teacher=None) -> None:

@@ -8,14 +8,43 @@ EctuneError raised before a run folder is touched.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from .config import RunConfig, preset
+from .config import RunConfig, apply_overrides, preset
 from .errors import EctuneError
 from .methods import TUNE_METHODS, method
+
+
+def configure(base: RunConfig, *, overrides=(), steps: int | None = None, kimg: float | None = None,
+              **fields) -> RunConfig:
+    """`base` (a preset, or a tune base) with top-level `fields` set (those given as None are left),
+    then the KEY=VALUE `overrides` (`--set`), then the budget: `steps` iterations, or `kimg` thousands
+    of images at the final batch size."""
+    cfg = replace(base, **{k: v for k, v in fields.items() if v is not None})
+    cfg = apply_overrides(cfg, list(overrides))
+    if steps is not None:
+        cfg = replace(cfg, steps=steps)
+    elif kimg is not None:
+        cfg = replace(cfg, steps=max(1, math.ceil(kimg * 1000 / cfg.batch)))
+    if cfg.steps < 1 or cfg.batch < 1:
+        raise EctuneError("--steps/--kimg and --batch must be positive")
+    return cfg
+
+
+def fit_preset_eval(cfg: RunConfig, overrides=()) -> tuple[RunConfig, list[str]]:
+    """A preset's default in-loop evaluation that does not fit the data (the classifier metric on data
+    that is not Fashion-MNIST) is turned off, with a note to print once the run starts; one asked for
+    in `overrides` (--set eval.*) is left for the training layer to check (and refuse)."""
+    from .monitor import eval_fits
+    if cfg.eval.every_kimg <= 0 or eval_fits(cfg) or any(o.strip().startswith("eval.") for o in overrides):
+        return cfg, []
+    note = (f"in-loop evaluation off: its {cfg.eval.metric} metric does not fit --data {cfg.data}; "
+            "--set eval.metric=inception to score this data during training")
+    return replace(cfg, eval=replace(cfg.eval, every_kimg=0.0)), [note]
 
 
 def load_training_data(spec: str):

@@ -171,6 +171,25 @@ def engine_scope(cfg: RunConfig, device: torch.device):
         yield
 
 
+@contextlib.contextmanager
+def stepping(cfg: RunConfig, D: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None, *,
+             device: torch.device):
+    """Full training iterations outside a run folder, one per call of the function this yields: draw,
+    forward and target, backward, then the optimizer step and the EMA, as in a run (in its engine
+    settings), on uint8 `images` already on `device`. The function returns the iteration's mean loss.
+    For timing and checks (benchmarks/gpu_check.py, ectune.bench)."""
+    with engine_scope(cfg, device):
+        s = new_state(cfg, D, len(images), device)
+        s.model = wrap_model(cfg, s.D, device)
+        amp = autocast_dtype(cfg.engine.precision, device)
+
+        def step() -> torch.Tensor:
+            loss, _, _ = iteration(cfg, s, images, labels, amp)
+            update(cfg, s)
+            return loss
+        yield step
+
+
 def _set_tf32(matmul: bool, cudnn: bool) -> None:
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 

@@ -1,0 +1,134 @@
+"""What the benchmark scripts share (benchmarks/*.py): a results cache that two processes running the
+same benchmark split between them, tune runs with the benchmarks' settings through the library, and
+the compute seconds and iteration cost of a run's method.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import preset, read_config
+from .models import load_denoiser
+from .report import read_records
+from .report import train_seconds as logged_seconds
+
+
+class RowCache:
+    """One JSON file per finished piece of work, under ROOT/rows."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root) / "rows"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def get(self, name: str, fn, *, wait: bool = True):
+        """The cached value of `name`, computing it with `fn` if no process has. A second process running
+        the same command skips the rows the first one is computing (`wait=False` returns None for them),
+        so two processes share the work of one benchmark."""
+        path, claim = self.root / f"{name}.json", self.root / f"{name}.claim"
+        while not path.exists():
+            try:
+                fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if not _claim_alive(claim):
+                    claim.unlink(missing_ok=True)
+                    continue
+                if not wait:
+                    return None
+                time.sleep(5)
+                continue
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            try:
+                if path.exists():                # finished by another process since the check
+                    break
+                return self._compute(name, path, fn)
+            finally:
+                claim.unlink(missing_ok=True)
+        return json.loads(path.read_text())
+
+    def _compute(self, name: str, path: Path, fn) -> dict:
+        t0 = time.perf_counter()
+        value = fn()
+        value["bench_seconds"] = round(time.perf_counter() - t0, 1)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(value, indent=1))
+        tmp.replace(path)
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in value.items() if isinstance(v, float)), flush=True)
+        return value
+
+
+def _claim_alive(claim: Path) -> bool:
+    """Whether the process that wrote `claim` still runs (a claim being written counts as alive)."""
+    try:
+        pid = int(claim.read_text())
+    except FileNotFoundError:
+        return True                              # released just now: the loop looks again
+    except ValueError:
+        try:
+            return time.time() - claim.stat().st_mtime < 60
+        except FileNotFoundError:
+            return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def tune_run(out: Path, teacher: str, method: str, *, steps: int, batch: int, seed: int | None = None,
+             data: str = "fashion-mnist", overrides=(), device: str = "auto") -> Path:
+    """The tune run `out` with the benchmarks' settings (fmnist preset, a checkpoint every 50 steps, one
+    grid at the end, a log record every 10 steps), trained or continued through the library as
+    `ectune tune` would; a finished run is returned as it is (without taking its lock)."""
+    from .models import resolve_device
+    from .runs import train_run
+    from .start import configure, fit_preset_eval, tune_base, tune_parts
+    out = Path(out)
+    if (out / "checkpoints" / f"{steps:08d}").is_dir():
+        return out
+    sets = ["ckpt_every=50", f"sample_every={steps}", "log_every=10", *overrides]
+    base = tune_base(method, teacher, "fmnist", data, out)
+    cfg, notes = fit_preset_eval(configure(base.cfg, overrides=sets, steps=steps, batch=batch, seed=seed,
+                                           data=data), sets)
+    ds, D, frozen = tune_parts(cfg, base)
+    train_run(cfg, out, ds, D, device=resolve_device(device), teacher=frozen, progress=False, notes=tuple(notes))
+    return out
+
+
+def train_seconds(run: Path) -> float:
+    """Compute seconds of a (possibly resumed) run, from its logged throughput (ectune.report's rule)."""
+    return logged_seconds(read_config(Path(run) / "config.json"), read_records(Path(run) / "log.jsonl"))
+
+
+def iteration_seconds(teacher: str, methods, batch: int, reps: int = 12, shape=(1, 28, 28)) -> dict:
+    """Median seconds of one training iteration per method ("edm" = pretraining) on the teacher's network,
+    the methods' iterations interleaved so that a drift of the machine's speed affects them alike."""
+    import contextlib
+    import copy
+
+    from .training import stepping
+    D, t_cfg = load_denoiser(teacher)
+    images = torch.randint(0, 256, (4 * batch, *shape), dtype=torch.uint8)
+    with contextlib.ExitStack() as stack:
+        steps = {}
+        for m in methods:
+            base = preset("fmnist", "pretrain" if m == "edm" else "tune")
+            cfg = replace(base, batch=batch, net=t_cfg.net, loss=replace(base.loss, method=m))
+            steps[m] = stack.enter_context(stepping(cfg, copy.deepcopy(D).train(), images, device=torch.device("cpu")))
+        times = {m: [] for m in methods}
+        for _ in range(reps + 2):
+            for m, step in steps.items():
+                t0 = time.perf_counter()
+                step()
+                times[m].append(time.perf_counter() - t0)
+    return {m: float(np.median(v[2:])) for m, v in times.items()}
