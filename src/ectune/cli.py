@@ -17,6 +17,7 @@ from . import __version__, distributed
 from .config import RunConfig, preset, preset_names
 from .cliargs import check_args, check_model_args
 from .errors import EctuneError
+from .methods import METHODS, TUNE_METHODS
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder (created; an existing run there is continued)")
@@ -336,10 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="Easy Consistency Tuning from a teacher's EMA weights (or the baselines)")
     p.add_argument("--teacher", help="teacher run folder or weights file (iCT: optional, gives the architecture; "
                    "--method cd also takes a diffusers UNet2DModel DDPM folder)")
-    p.add_argument("--method", default="ect", choices=["ect", "sct", "ict", "cd"],
-                   help="ect: tune the teacher (default); sct: ECT with a variance-reduced r-point "
-                        "(loss.sct_refs reference images); ict: consistency training from random init "
-                        "(iCT schedule); cd: consistency distillation from the frozen teacher")
+    p.add_argument("--method", default="ect", choices=TUNE_METHODS,
+                   help="; ".join(f"{name}: {METHODS[name].help}" for name in TUNE_METHODS))
     _add_run_args(p)
     p.set_defaults(func=cmd_tune)
     p = sub.add_parser("sample", help="generate samples as a PNG grid or an .npz")
