@@ -3,6 +3,7 @@ sampler's stream is a pure function of (seed, position)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -534,32 +535,23 @@ def fuzz_bytes(prefix: bytes) -> st.SearchStrategy[bytes]:
 @settings(max_examples=50, deadline=None)
 @given(raw=fuzz_bytes(b"\x00\x00\x08\x03"), gz=st.booleans())
 def test_fuzz_idx(raw: bytes, gz: bool) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.suppress(EctuneError):
         path = Path(tmp) / "x.idx"
         path.write_bytes(gzip.compress(raw) if gz else raw)
-        try:
-            assert isinstance(data.read_idx(path), np.ndarray)
-        except EctuneError:
-            pass
+        assert isinstance(data.read_idx(path), np.ndarray)
 
 
 @settings(max_examples=50, deadline=None)
 @given(raw=fuzz_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"))
 def test_fuzz_png(raw: bytes) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.suppress(EctuneError):
         (Path(tmp) / "x.png").write_bytes(raw)
-        try:
-            assert len(data.load_image_folder(tmp)) == 1
-        except EctuneError:
-            pass
+        assert len(data.load_image_folder(tmp)) == 1
 
 
 @settings(max_examples=50, deadline=None)
 @given(raw=fuzz_bytes(b"PK\x03\x04"))
 def test_fuzz_npz(raw: bytes) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.suppress(EctuneError):
         (Path(tmp) / "x.npz").write_bytes(raw)
-        try:
-            assert len(data.load_npz(Path(tmp) / "x.npz")) >= 1
-        except EctuneError:
-            pass
+        assert len(data.load_npz(Path(tmp) / "x.npz")) >= 1
