@@ -77,8 +77,10 @@ class SongUNet(nn.Module):
         augment_dim: int = 0,
     ):
         super().__init__()
-        if not channel_mult or num_blocks < 1 or model_channels < 2:
-            raise EctuneError("SongUNet needs at least one level, one block per level and model_channels >= 2")
+        if not channel_mult or num_blocks < 1 or model_channels < 4 or model_channels % 2:
+            raise EctuneError("SongUNet needs at least one level, one block per level and an even model_channels >= 4 "
+                              f"(its noise embedding's width); got channel_mult={tuple(channel_mult)}, "
+                              f"num_blocks={num_blocks}, model_channels={model_channels}")
         if not 0.0 <= dropout < 1.0 or not 0.0 <= label_dropout < 1.0:
             raise EctuneError(f"dropout and label_dropout must lie in [0, 1), got {dropout} and {label_dropout}")
         resolutions = level_resolutions(img_resolution, len(channel_mult))
