@@ -89,6 +89,21 @@ def tiny_edm2(label_dim=10, logvar=0, **kw) -> NetConfig:
     return NetConfig(size="edm2-tiny", arch="edm2", label_dim=label_dim, logvar_channels=logvar, **{**fields, **kw})
 
 
+def test_module_order_is_pinned():
+    """Registration order is the state_dict order: gains and embeddings, encoder, decoder, out, logvar."""
+    net = EDM2UNet(16, 3, 10, model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,),
+                   logvar_channels=4)
+    assert list(net._parameters) == ["out_gain"]
+    assert list(net._modules) == ["emb_fourier", "emb_noise", "emb_label", "enc", "dec", "out_conv",
+                                  "logvar_fourier", "logvar_linear"]
+    assert list(net.enc) == ["16x16_conv", "16x16_block0", "8x8_down", "8x8_block0"]
+    assert list(net.dec) == ["8x8_in0", "8x8_in1", "8x8_block0", "8x8_block1", "16x16_up", "16x16_block0",
+                             "16x16_block1"]
+    assert [k.split(".", 2)[2] for k in net.state_dict() if k.startswith("dec.8x8_block1.")] == [
+        "emb_gain", "conv_res0.weight", "emb_linear.weight", "conv_res1.weight", "conv_skip.weight"]
+    assert len(net.state_dict()) == 55
+
+
 def test_unet_shapes_labels_and_zero_output_gain():
     D = build_denoiser(tiny_edm2()).eval()
     x, sigma, labels = torch.randn(2, 3, 64, 64), torch.tensor([0.5, 20.0]), torch.tensor([3, 7])

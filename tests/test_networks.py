@@ -110,6 +110,20 @@ def test_ddpmpp_parameter_names_follow_edm_hierarchy():
     assert net.dec["32x32_block4"].in_channels == 64 + 32  # last block eats the first conv's skip
 
 
+def test_module_order_is_pinned():
+    """Registration order is the state_dict order of every checkpoint: mapping, encoder, decoder."""
+    net = SongUNet(img_resolution=8, in_channels=1, out_channels=1, label_dim=3, model_channels=16,
+                   channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), augment_dim=9)
+    assert list(net._modules) == ["map_noise", "map_label", "map_augment", "map_layer0", "map_layer1", "enc", "dec"]
+    assert list(net.enc) == ["8x8_conv", "8x8_block0", "4x4_down", "4x4_block0"]
+    assert list(net.dec) == ["4x4_in0", "4x4_in1", "4x4_block0", "4x4_block1", "8x8_up", "8x8_block0",
+                             "8x8_block1", "8x8_aux_norm", "8x8_aux_conv"]
+    assert [k.split(".", 2)[2] for k in net.state_dict() if k.startswith("dec.4x4_block1.")] == [
+        f"{m}.{p}" for m in ("norm0", "conv0", "affine", "norm1", "conv1", "skip", "norm2", "qkv", "proj")
+        for p in ("weight", "bias")]
+    assert len(net.state_dict()) == 145
+
+
 # --- presets --------------------------------------------------------------------------------------
 
 

@@ -20,8 +20,12 @@ from .errors import EctuneError
 class NetConfig:
     """The denoiser: network architecture and preconditioning; resolution, channels and label_dim
     come from the data. ``arch`` "ddpmpp" is EDM's SongUNet, "edm2" EDM2's magnitude-preserving U-Net
-    (its fields ``channel_mult_noise``, ``dropout_res`` and ``logvar_channels`` apply to it only)."""
-    size: str = "small"                     # NETWORK_PRESETS key the fields below were taken from
+    (its fields ``channel_mult_noise``, ``dropout_res`` and ``logvar_channels`` apply to it only).
+
+    Presets take widths, depths, attention and dropout from one table, ``ectune.networks.NETWORK_PRESETS``
+    (EDM2's from ``EDM2_SIZES``), and name the entry in ``size``. The defaults below are not a preset:
+    they are what a config file that leaves a field out gets, and the examples ``--set`` errors show."""
+    size: str = "custom"                    # the NETWORK_PRESETS / EDM2 size the fields came from
     arch: str = "ddpmpp"                    # "ddpmpp" (SongUNet) | "edm2"
     model_channels: int = 32
     channel_mult: tuple[int, ...] = (1, 2, 2)
@@ -281,12 +285,15 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
 
 
 def _net(size: str, **overrides) -> NetConfig:
+    """The NETWORK_PRESETS entry `size` as a NetConfig, with `overrides` (the data's shape) applied."""
     from .networks import NETWORK_PRESETS
-    p = dict(NETWORK_PRESETS[size])
-    p.update(overrides)
+    p = {**NETWORK_PRESETS[size], **overrides}
     return NetConfig(size=size, **{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()})
 
 
+# What a tuning run starts from unless its preset says otherwise: ECT's loss (ECT.md §7) and RAdam.
+_ECT_LOSS = LossConfig(method="ect", P_mean=-1.1, P_std=2.0, q=2.0, stages=8)
+_RADAM = OptimConfig(name="radam", lr=1e-4, betas=(0.9, 0.999))
 # In-loop evaluation of the GPU recipes: Inception FID of 5,000 samples every 1,280k images (10 per 12.8M).
 _GPU_EVAL = EvalConfig(every_kimg=1280.0, n=5000, metric="inception")
 
@@ -335,10 +342,26 @@ def _imagenet64_presets() -> dict[str, dict]:
     return out
 
 
+def _cifar10_presets() -> dict[str, dict]:
+    """CIFAR-10 on EDM's DDPM++ (55.7M): "cifar10", ECT.md §7 (batch 128, q = 2, 8 stages of 25k
+    iterations), and "cifar10-fast", ECT.md §4.2 (q = 256 from the first iteration, one stage, EMA
+    0.9993). Both pretrain as EDM did and tune with dropout 0.2."""
+    net = _net("ddpmpp", img_resolution=32, in_channels=3)
+    common = dict(net=net, batch=128, steps=200000, ckpt_every=5000, sample_every=10000,
+                  sample=SampleConfig(mid_ts=(0.821,)),
+                  pretrain=dict(batch=512, steps=390625, optim=OptimConfig(lr=1e-3, warmup_steps=19531),
+                                ema=EMAConfig(kind="fixed", beta=0.999)))
+    tune = dict(net=replace(net, dropout=0.2), eval=_GPU_EVAL)
+    return {
+        "cifar10": dict(common, tune=dict(tune, loss=replace(_ECT_LOSS, stage_iters=25000),
+                                          ema=EMAConfig(kind="fixed", beta=0.9999))),
+        "cifar10-fast": dict(common, tune=dict(tune, loss=replace(_ECT_LOSS, q=256.0, stages=1, stage_iters=200000),
+                                               ema=EMAConfig(kind="fixed", beta=0.9993))),
+    }
+
+
 def _presets() -> dict[str, dict[str, RunConfig]]:
     """The preset table: name → {"pretrain": RunConfig, "tune": RunConfig}."""
-    ect_loss = LossConfig(method="ect", P_mean=-1.1, P_std=2.0, q=2.0, stages=8)
-    radam = OptimConfig(name="radam", lr=1e-4, betas=(0.9, 0.999))
     table = {
         # Seconds on CPU: for tests and examples.
         "tiny": dict(net=_net("tiny"), batch=16, steps=20, ckpt_every=10, sample_every=10, log_every=5,
@@ -349,34 +372,19 @@ def _presets() -> dict[str, dict[str, RunConfig]]:
                        sample=SampleConfig(mid_ts=(1.5,)),
                        pretrain=dict(optim=OptimConfig(lr=1e-3, warmup_steps=200), eval=EvalConfig(every_kimg=320.0)),
                        tune=dict(steps=2000, eval=EvalConfig(every_kimg=64.0))),
-        # ECT.md §7: CIFAR-10, DDPM++ 55.7M, batch 128, q = 2, 8 stages of 25k iterations, dropout 0.2.
-        "cifar10": dict(net=_net("ddpmpp", img_resolution=32, in_channels=3), batch=128, steps=200000,
-                        ckpt_every=5000, sample_every=10000, sample=SampleConfig(mid_ts=(0.821,)),
-                        pretrain=dict(batch=512, steps=390625, optim=OptimConfig(lr=1e-3, warmup_steps=19531),
-                                      ema=EMAConfig(kind="fixed", beta=0.999)),
-                        tune=dict(loss=replace(ect_loss, stage_iters=25000), net_dropout=0.2,
-                                  ema=EMAConfig(kind="fixed", beta=0.9999), eval=_GPU_EVAL)),
-        # ECT.md §4.2: the "fast" CIFAR-10 variant, q = 256 from the first iteration (one stage), EMA 0.9993.
-        "cifar10-fast": dict(net=_net("ddpmpp", img_resolution=32, in_channels=3), batch=128, steps=200000,
-                             ckpt_every=5000, sample_every=10000, sample=SampleConfig(mid_ts=(0.821,)),
-                             pretrain=dict(batch=512, steps=390625, optim=OptimConfig(lr=1e-3, warmup_steps=19531),
-                                           ema=EMAConfig(kind="fixed", beta=0.999)),
-                             tune=dict(loss=replace(ect_loss, q=256.0, stages=1, stage_iters=200000), net_dropout=0.2,
-                                       ema=EMAConfig(kind="fixed", beta=0.9993), eval=_GPU_EVAL)),
+        **_cifar10_presets(),
         **_imagenet64_presets(),
     }
-    out = {}
-    for name, p in table.items():
-        common = {k: v for k, v in p.items() if k not in ("pretrain", "tune")}
-        pre = RunConfig(kind="pretrain", preset=name, **common)
-        tune_kw = dict(p["tune"])
-        net = common["net"]
-        if "net_dropout" in tune_kw:
-            net = replace(net, dropout=tune_kw.pop("net_dropout"))
-        tune = RunConfig(kind="tune", preset=name, **{**common, "net": net, "loss": ect_loss,
-                                                       "optim": radam, **tune_kw})
-        out[name] = {"pretrain": replace(pre, **p["pretrain"]), "tune": tune}
-    return out
+    return {name: _pretrain_and_tune(name, p) for name, p in table.items()}
+
+
+def _pretrain_and_tune(name: str, entry: dict) -> dict[str, RunConfig]:
+    """A table entry's two configs: its shared fields with its "pretrain" or "tune" fields over them;
+    tuning starts from ECT's loss and RAdam."""
+    common = {k: v for k, v in entry.items() if k not in ("pretrain", "tune")}
+    return {"pretrain": RunConfig(kind="pretrain", preset=name, **{**common, **entry["pretrain"]}),
+            "tune": RunConfig(kind="tune", preset=name, **{**common, "loss": _ECT_LOSS, "optim": _RADAM,
+                                                            **entry["tune"]})}
 
 
 def preset(name: str, kind: str) -> RunConfig:

@@ -64,11 +64,6 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()
-
-
 def all_gather_object(obj: T) -> list[T]:
     """`obj` of every rank, in rank order (a one-element list in a single process)."""
     if world_size() == 1:

@@ -14,6 +14,7 @@ from .precond import EDMPrecond
 
 _NOT_NETWORK = ("size", "arch", "sigma_data", "eval_sigma_min")
 _EDM2_ONLY = ("channel_mult_noise", "dropout_res", "logvar_channels")
+WEIGHTS = ("ema", "net")                    # a checkpoint's averaged and online weights
 
 
 def build_network_of(net: NetConfig) -> torch.nn.Module:
@@ -52,14 +53,19 @@ def student_from(tensors: dict[str, torch.Tensor], net: NetConfig, source: str) 
     return D
 
 
+def check_which(which: str) -> None:
+    """A checkpoint's two sets of weights: "ema" (averaged) or "net" (online); anything else is refused."""
+    if which not in WEIGHTS:
+        raise EctuneError(f"--weights must be 'ema' or 'net', got {which!r}")
+
+
 def load_denoiser(path, *, which: str = "ema", device="cpu") -> tuple[torch.nn.Module, RunConfig]:
     """The online ("net") or averaged ("ema") denoiser stored at `path`, in eval mode.
 
     `path` may also be a diffusers UNet2DModel DDPM folder: its D(x, σ) wrapper (:class:`VPEpsDenoiser`)
     comes back with a pretrain-kind config of its shape (data unknown: pass ``--ref-data`` to eval).
     """
-    if which not in ("ema", "net"):
-        raise EctuneError(f"--weights must be 'ema' or 'net', got {which!r}")
+    check_which(which)
     from .importers.diffusers_vp import diffusers_root
     if diffusers_root(path) is not None:
         return diffusers_denoiser(diffusers_root(path), device)

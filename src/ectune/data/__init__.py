@@ -4,7 +4,7 @@ Sources: Fashion-MNIST IDX files, CIFAR-10's python tarball, a folder or EDM-sty
 an ``.npz`` file, scikit-learn's 8x8 digits.
 Every bad input raises EctuneError with a one-line message saying what was wrong and what to do.
 
-Modules: `dataset` (ImageDataset), `fmnist` (IDX files, search path, download, the command line),
+Modules: `dataset` (ImageDataset), `fmnist` (IDX files, search path, download),
 `files` (image folders, .npz, .zip), `cifar` (CIFAR-10 tarball), `sampler` (BatchSampler); this one
 holds digits, class subsets and the `load_dataset` dispatch. Patch module attributes where they are
 used (e.g. `ectune.data.fmnist.SYSTEM_FMNIST_DIR`), not on this package.
@@ -31,7 +31,6 @@ from ectune.data.fmnist import (
     download_fashion_mnist,
     fashion_mnist_search_dirs,
     load_fashion_mnist,
-    main,
     read_idx,
 )
 from ectune.data.sampler import BatchSampler
@@ -55,7 +54,6 @@ __all__ = [
     "load_image_folder",
     "load_npz",
     "load_zip",
-    "main",
     "read_idx",
     "select_classes",
     "split_class_subset",

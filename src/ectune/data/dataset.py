@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,12 +56,6 @@ class ImageDataset:
     def num_classes(self) -> int:
         """max(label) + 1, or 0 for an unlabelled dataset."""
         return 0 if self.labels is None else int(self.labels.max()) + 1
-
-    def batch(self, indices: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Images at `indices` as float32 (B, C, H, W) in [-1, 1] (x / 127.5 - 1), labels (B,) or None."""
-        idx = torch.as_tensor(indices, dtype=torch.int64)
-        x = self.images[idx].to(torch.float32) / 127.5 - 1.0
-        return x, None if self.labels is None else self.labels[idx]
 
 
 def _dataset(images: np.ndarray, labels: np.ndarray | None, name: str) -> ImageDataset:

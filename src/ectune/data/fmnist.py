@@ -1,19 +1,18 @@
-"""Fashion-MNIST: IDX reading, where the files are looked for, a checksummed download and its command line."""
+"""Fashion-MNIST: IDX reading, where the files are looked for, and a checksummed download
+(`ectune download fashion-mnist` runs it)."""
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import http.client
 import math
 import os
 import struct
-import sys
 import tempfile
 import urllib.request
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +34,7 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 _DOWNLOAD_TIMEOUT_S = 60.0
 _GET_FMNIST = (
     "install it with `sudo apt-get install dataset-fashion-mnist`, set ECTUNE_DATA to a folder "
-    "holding the IDX files, or run `python -m ectune.data download fashion-mnist` "
-    "(same as `ectune download fashion-mnist`)"
+    "holding the IDX files, or run `ectune download fashion-mnist`"
 )
 
 
@@ -193,22 +191,3 @@ def download_fashion_mnist(
             continue
         _download_one(base_url.rstrip("/") + "/" + name, target, checksums[name])
     return dest
-
-
-# --- command line
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m ectune.data download fashion-mnist [--dest DIR] [--base-url URL]`; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m ectune.data", description="Fetch ectune datasets.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    download = commands.add_parser("download", help="download a dataset and verify its checksums")
-    download.add_argument("dataset", choices=["fashion-mnist", "fmnist"])
-    download.add_argument("--dest", type=Path, default=None, help=f"folder (default {default_cache_dir()})")
-    download.add_argument("--base-url", default=OFFICIAL_URL, help="a mirror of the official files")
-    args = parser.parse_args(argv)
-    try:
-        dest = download_fashion_mnist(args.dest or default_cache_dir(), args.base_url)
-    except EctuneError as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 2
-    sys.stdout.write(f"Fashion-MNIST is in {dest}\n")
-    return 0

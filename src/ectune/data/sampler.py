@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -57,10 +57,6 @@ class BatchSampler:
         indices = self._indices(self.position + self.rank * local, local)
         self.position += self.batch_size
         return indices
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        while True:
-            yield self.next_batch()
 
     def state_dict(self) -> dict[str, int]:
         return {"n": self.n, "seed": self.seed, "batch_size": self.batch_size, "position": self.position}

@@ -18,7 +18,8 @@ from .diffusers_vp import (
 from .edm import edm_to_ectune, import_edm_pickle
 from .files import export_weights, write_model_file
 from .metadata import snapshot_metadata
-from .pickles import PickledArray, PickledAttribute, PickledModule, SafeUnpickler, read_edm_pickle
+from .pickles import SafeUnpickler, read_edm_pickle
+from .records import PickledArray, PickledAttribute, PickledModule
 
 __all__ = [
     "PickledArray", "PickledAttribute", "PickledModule", "SafeUnpickler", "VPEpsDenoiser", "alphas_cumprod_from",

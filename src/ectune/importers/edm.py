@@ -31,8 +31,9 @@ from ..errors import EctuneError
 from ..models import build_denoiser
 from ..networks import NETWORK_PRESETS
 from .edm2 import edm2_net_config, edm2_tensors, is_edm2
-from .metadata import snapshot_metadata
-from .pickles import PickledModule, read_edm_pickle
+from .metadata import precond_parts, snapshot_metadata
+from .pickles import read_edm_pickle
+from .records import PickledModule
 
 PRECONDS = ("EDMPrecond", "ECMPrecond")     # both compute EDM's D(x, σ) around `self.model`
 _ARCH = ("model_channels", "channel_mult", "channel_mult_emb", "num_blocks", "attn_resolutions")
@@ -58,6 +59,19 @@ def _precond_of(snapshot: Any, source: str) -> PickledModule:
     return node
 
 
+def _check_variant(kw: dict, source: str) -> None:
+    """Refuse SongUNet variants ectune's network does not implement (NCSN++ and friends)."""
+    supported = dict(embedding_type="positional", encoder_type="standard", decoder_type="standard",
+                     channel_mult_noise=1, resample_filter=[1, 1])
+    bad = [f"{k}={kw[k]!r}" for k, v in supported.items()
+           if k in kw and (list(kw[k]) if isinstance(kw[k], (list, tuple)) else kw[k]) != v]
+    if "out_channels" in kw and "in_channels" in kw and kw["out_channels"] != kw["in_channels"]:
+        bad.append(f"out_channels={kw['out_channels']!r} != in_channels")
+    if bad:
+        raise EctuneError(f"{source}: SongUNet settings {', '.join(bad)} are not supported; ectune implements "
+                          "DDPM++ (positional embedding, standard encoder/decoder, [1,1] resampling)")
+
+
 def _shape_hints(t: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Architecture read off the tensors, for settings the pickle's init kwargs leave out."""
     convs = [m for m in (re.fullmatch(r"enc\.(\d+)x\1_conv\.weight", k) for k in t) if m]
@@ -81,23 +95,9 @@ def _shape_hints(t: dict[str, torch.Tensor]) -> dict[str, Any]:
     return hints
 
 
-def _check_variant(kw: dict, source: str) -> None:
-    """Refuse SongUNet variants ectune's network does not implement (NCSN++ and friends)."""
-    supported = dict(embedding_type="positional", encoder_type="standard", decoder_type="standard",
-                     channel_mult_noise=1, resample_filter=[1, 1])
-    bad = [f"{k}={kw[k]!r}" for k, v in supported.items()
-           if k in kw and (list(kw[k]) if isinstance(kw[k], (list, tuple)) else kw[k]) != v]
-    if "out_channels" in kw and "in_channels" in kw and kw["out_channels"] != kw["in_channels"]:
-        bad.append(f"out_channels={kw['out_channels']!r} != in_channels")
-    if bad:
-        raise EctuneError(f"{source}: SongUNet settings {', '.join(bad)} are not supported; ectune implements "
-                          "DDPM++ (positional embedding, standard encoder/decoder, [1,1] resampling)")
-
-
 def net_config_from(precond: PickledModule, tensors: dict[str, torch.Tensor], source: str) -> NetConfig:
     """NetConfig from the pickled init kwargs where present, else read off the tensor shapes."""
-    unet = precond.children["model"]
-    kw = {**precond.init_kwargs, **unet.init_kwargs}
+    unet, kw, sigma_data = precond_parts(precond, "model")
     _check_variant(kw, source)
     hints = _shape_hints(tensors)
 
@@ -112,7 +112,7 @@ def net_config_from(precond: PickledModule, tensors: dict[str, torch.Tensor], so
                       attn_resolutions=tuple(int(r) for r in pick("attn_resolutions")),
                       dropout=float(pick("dropout", default=0.1)),
                       label_dropout=float(pick("label_dropout", default=0.0)),
-                      sigma_data=float(precond.state.get("sigma_data", kw.get("sigma_data", 0.5))))
+                      sigma_data=float(sigma_data))
     except (TypeError, ValueError) as e:
         raise EctuneError(f"{source}: cannot tell the network's architecture from its init kwargs "
                           f"or tensors ({e})") from None

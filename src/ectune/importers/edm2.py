@@ -18,6 +18,7 @@ import torch
 
 from ..config import NetConfig
 from ..errors import EctuneError
+from .metadata import precond_parts
 
 # Settings ectune's EDM2UNet fixes at EDM2's defaults; a file with other values is refused.
 _FIXED = dict(label_balance=0.5, concat_balance=0.5, res_balance=0.3, attn_balance=0.3, clip_act=256)
@@ -86,15 +87,14 @@ def _check_fixed(unet: Any, kw: dict, source: str) -> None:
 
 def edm2_net_config(precond: Any, tensors: dict[str, torch.Tensor], source: str) -> NetConfig:
     """NetConfig(arch="edm2") for a pickled EDM2/ECT ``Precond`` and its ``net.``-less tensors."""
-    unet = precond.children["unet"]
-    kw = {**precond.init_kwargs, **unet.init_kwargs}
+    unet, kw, sigma_data = precond_parts(precond, "unet")
     _check_fixed(unet, kw, source)
     hints = _shape_hints(tensors)
     dropout, dropout_res = _dropout(unet, kw)
     try:
         fields = {k: tuple(int(x) for x in kw.get(k, v)) if isinstance(v, tuple) else int(kw.get(k) or v)
                   for k, v in hints.items() if k not in ("in_channels", "logvar_channels")}
-        sigma_data = float(precond.state.get("sigma_data", kw.get("sigma_data", 0.5)))
+        sigma_data = float(sigma_data)
     except (TypeError, ValueError) as e:
         raise EctuneError(f"{source}: cannot tell the EDM2 network's architecture ({e})") from None
     return NetConfig(size="imported", arch="edm2", in_channels=int(kw.get("img_channels", hints["in_channels"])),

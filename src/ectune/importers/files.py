@@ -24,7 +24,7 @@ from ..atomic import atomic_file
 from ..checkpoint import load_state_checked, read_weights, resolve_weights, split_prefix
 from ..config import RunConfig
 from ..errors import EctuneError
-from ..models import build_denoiser
+from ..models import build_denoiser, check_which
 
 FORMAT = "ectune-1"
 
@@ -50,8 +50,7 @@ def write_model_file(out: str | Path, cfg: RunConfig, tensors: dict[str, torch.T
 
 def export_weights(ckpt: str | Path, out: str | Path, which: str = "ema") -> Path:
     """Write the `which` ("ema" or "net") weights of a run, checkpoint or weights file to `out`."""
-    if which not in ("ema", "net"):
-        raise EctuneError(f"--weights must be 'ema' or 'net', got {which!r}")
+    check_which(which)
     src = resolve_weights(ckpt)
     if Path(out).resolve() == src.resolve():
         raise EctuneError(f"--out {out} is the checkpoint being exported; choose another path")

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import EctuneError
-from .pickles import PickledArray, PickledAttribute, PickledModule, SnapshotDict
+from .records import PickledArray, PickledAttribute, PickledModule, SnapshotDict
 
 
 def _jsonable(value: Any, depth: int = 0) -> Any:
@@ -64,6 +64,14 @@ def _network_metadata(net: PickledModule) -> dict:
     out["params"] = sum(t.numel() for t in tensors.values())
     out["dtypes"] = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
     return out
+
+
+def precond_parts(precond: PickledModule, inner: str) -> tuple[PickledModule, dict, Any]:
+    """A pickled preconditioner's network ``precond.<inner>``, the constructor kwargs of both (the
+    network's win) and its sigma_data as found (attribute, else kwarg, else EDM's 0.5), unchecked."""
+    net = precond.children[inner]
+    kw = {**precond.init_kwargs, **net.init_kwargs}
+    return net, kw, precond.state.get("sigma_data", kw.get("sigma_data", 0.5))
 
 
 def snapshot_metadata(snapshot: Any) -> dict:

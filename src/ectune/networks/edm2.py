@@ -175,34 +175,10 @@ class EDM2UNet(nn.Module):
         self.emb_noise = MPConv(cnoise, cemb, ())
         self.emb_label = MPConv(label_dim, cemb, ()) if label_dim else None
 
-        def block(cin, cout, res, **kw):
-            p = dropout if not dropout_res or res <= dropout_res else 0.0
-            return Block(cin, cout, cemb, dropout=p, **block_kwargs, **kw)
-
-        self.enc, cout = nn.ModuleDict(), in_channels + 1
-        for level, channels in enumerate(cblock):
-            res = img_resolution >> level
-            if level == 0:
-                self.enc[f"{res}x{res}_conv"], cout = MPConv(cout, channels, (3, 3)), channels
-            else:
-                self.enc[f"{res}x{res}_down"] = block(cout, cout, res, flavor="enc", resample_mode="down")
-            for i in range(num_blocks):
-                self.enc[f"{res}x{res}_block{i}"] = block(cout, channels, res, flavor="enc",
-                                                          attention=res in attn_resolutions)
-                cout = channels
-
-        self.dec, skips = nn.ModuleDict(), [b.out_channels for b in self.enc.values()]
-        for level, channels in reversed(list(enumerate(cblock))):
-            res = img_resolution >> level
-            if level == len(cblock) - 1:
-                self.dec[f"{res}x{res}_in0"] = block(cout, cout, res, flavor="dec", attention=True)
-                self.dec[f"{res}x{res}_in1"] = block(cout, cout, res, flavor="dec")
-            else:
-                self.dec[f"{res}x{res}_up"] = block(cout, cout, res, flavor="dec", resample_mode="up")
-            for i in range(num_blocks + 1):
-                self.dec[f"{res}x{res}_block{i}"] = block(cout + skips.pop(), channels, res, flavor="dec",
-                                                          attention=res in attn_resolutions)
-                cout = channels
+        block = _block_maker(cemb, dropout, dropout_res, block_kwargs)
+        self.enc, cout = _encoder(block, in_channels, cblock, img_resolution, num_blocks, attn_resolutions)
+        skips = [b.out_channels for b in self.enc.values()]
+        self.dec, cout = _decoder(block, cout, skips, cblock, img_resolution, num_blocks, attn_resolutions)
         self.out_conv = MPConv(cout, in_channels, (3, 3))
         if logvar_channels:
             self.logvar_fourier = MPFourier(logvar_channels)
@@ -234,3 +210,46 @@ class EDM2UNet(nn.Module):
         if not hasattr(self, "logvar_linear"):
             raise AttributeError("this EDM2UNet has no logvar head (logvar_channels=0)")
         return self.logvar_linear(self.logvar_fourier(noise_labels)).reshape(-1)
+
+
+def _block_maker(emb_channels: int, dropout: float, dropout_res: int, block_kwargs: dict):
+    """``block(cin, cout, res, **kw)``: a Block with the network's embedding width and settings; its
+    dropout is `dropout` at resolutions <= `dropout_res` (every resolution when it is 0), else 0."""
+    def block(cin: int, cout: int, res: int, **kw) -> Block:
+        p = dropout if not dropout_res or res <= dropout_res else 0.0
+        return Block(cin, cout, emb_channels, dropout=p, **block_kwargs, **kw)
+    return block
+
+
+def _encoder(block, in_channels, widths, img_resolution, num_blocks, attn_resolutions) -> tuple[nn.ModuleDict, int]:
+    """One level per width: a 3×3 conv of the image and its constant channel (first level) or a
+    downsampling block, then `num_blocks` blocks. Returns the modules and the last one's channels."""
+    enc, cout = nn.ModuleDict(), in_channels + 1
+    for level, channels in enumerate(widths):
+        res = img_resolution >> level
+        if level == 0:
+            enc[f"{res}x{res}_conv"], cout = MPConv(cout, channels, (3, 3)), channels
+        else:
+            enc[f"{res}x{res}_down"] = block(cout, cout, res, flavor="enc", resample_mode="down")
+        for i in range(num_blocks):
+            enc[f"{res}x{res}_block{i}"] = block(cout, channels, res, flavor="enc", attention=res in attn_resolutions)
+            cout = channels
+    return enc, cout
+
+
+def _decoder(block, cout, skips, widths, img_resolution, num_blocks, attn_resolutions) -> tuple[nn.ModuleDict, int]:
+    """The encoder's mirror image: the middle (``in0`` with attention, ``in1``) or an upsampling block,
+    then num_blocks + 1 blocks per level, each eating the latest skip. Returns the modules and channels."""
+    dec, skips = nn.ModuleDict(), list(skips)
+    for level, channels in reversed(list(enumerate(widths))):
+        res = img_resolution >> level
+        if level == len(widths) - 1:
+            dec[f"{res}x{res}_in0"] = block(cout, cout, res, flavor="dec", attention=True)
+            dec[f"{res}x{res}_in1"] = block(cout, cout, res, flavor="dec")
+        else:
+            dec[f"{res}x{res}_up"] = block(cout, cout, res, flavor="dec", resample_mode="up")
+        for i in range(num_blocks + 1):
+            dec[f"{res}x{res}_block{i}"] = block(cout + skips.pop(), channels, res, flavor="dec",
+                                                 attention=res in attn_resolutions)
+            cout = channels
+    return dec, cout

@@ -16,6 +16,7 @@ Module and parameter names follow EDM's so its released weights can be mapped on
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -76,8 +77,10 @@ class SongUNet(nn.Module):
         augment_dim: int = 0,
     ):
         super().__init__()
-        if not channel_mult or num_blocks < 1 or model_channels < 2:
-            raise EctuneError("SongUNet needs at least one level, one block per level and model_channels >= 2")
+        if not channel_mult or num_blocks < 1 or model_channels < 4 or model_channels % 2:
+            raise EctuneError("SongUNet needs at least one level, one block per level and an even model_channels >= 4 "
+                              f"(its noise embedding's width); got channel_mult={tuple(channel_mult)}, "
+                              f"num_blocks={num_blocks}, model_channels={model_channels}")
         if not 0.0 <= dropout < 1.0 or not 0.0 <= label_dropout < 1.0:
             raise EctuneError(f"dropout and label_dropout must lie in [0, 1), got {dropout} and {label_dropout}")
         resolutions = level_resolutions(img_resolution, len(channel_mult))
@@ -85,52 +88,20 @@ class SongUNet(nn.Module):
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.label_dim = int(label_dim)
         self.label_dropout = float(label_dropout)
-        noise_channels = model_channels
         emb_channels = model_channels * channel_mult_emb
-
-        block = dict(emb_channels=emb_channels, dropout=dropout, skip_scale=math.sqrt(0.5), eps=1e-6)
+        block = functools.partial(UNetBlock, emb_channels=emb_channels, dropout=dropout, skip_scale=math.sqrt(0.5),
+                                  eps=1e-6)
+        levels = [(res, model_channels * mult) for res, mult in zip(resolutions, channel_mult)]
         attn = set(int(r) for r in attn_resolutions)
 
         # Mapping network: c_noise (+ labels) → embedding.
-        self.map_noise = PositionalEmbedding(noise_channels)
-        self.map_label = linear(label_dim, noise_channels) if label_dim else None
-        self.map_augment = linear(augment_dim, noise_channels, bias=False) if augment_dim else None
-        self.map_layer0 = linear(noise_channels, emb_channels)
+        self.map_noise = PositionalEmbedding(model_channels)
+        self.map_label = linear(label_dim, model_channels) if label_dim else None
+        self.map_augment = linear(augment_dim, model_channels, bias=False) if augment_dim else None
+        self.map_layer0 = linear(model_channels, emb_channels)
         self.map_layer1 = linear(emb_channels, emb_channels)
-
-        # Encoder: one level per channel multiplier; every output is a skip for the decoder.
-        self.enc = nn.ModuleDict()
-        skips = []
-        cout = model_channels
-        for level, (res, mult) in enumerate(zip(resolutions, channel_mult)):
-            tag = f"{res}x{res}"
-            if level == 0:
-                self.enc[f"{tag}_conv"] = conv(in_channels, cout, 3)
-            else:
-                self.enc[f"{tag}_down"] = UNetBlock(cout, cout, resample_mode="down", **block)
-            skips.append(cout)
-            for idx in range(num_blocks):
-                cin, cout = cout, model_channels * mult
-                heads = 1 if res in attn else 0
-                self.enc[f"{tag}_block{idx}"] = UNetBlock(cin, cout, num_heads=heads, **block)
-                skips.append(cout)
-
-        # Decoder: mirror image, num_blocks + 1 blocks per level, each eating one skip.
-        self.dec = nn.ModuleDict()
-        for level in reversed(range(len(channel_mult))):
-            res, mult, tag = resolutions[level], channel_mult[level], f"{resolutions[level]}x{resolutions[level]}"
-            if level == len(channel_mult) - 1:
-                self.dec[f"{tag}_in0"] = UNetBlock(cout, cout, num_heads=1, **block)
-                self.dec[f"{tag}_in1"] = UNetBlock(cout, cout, **block)
-            else:
-                self.dec[f"{tag}_up"] = UNetBlock(cout, cout, resample_mode="up", **block)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                heads = 1 if idx == num_blocks and res in attn else 0
-                self.dec[f"{tag}_block{idx}"] = UNetBlock(cin, cout, num_heads=heads, **block)
-        tag = f"{resolutions[0]}x{resolutions[0]}"
-        self.dec[f"{tag}_aux_norm"] = group_norm(cout, eps=1e-6)
-        self.dec[f"{tag}_aux_conv"] = conv(cout, out_channels, 3, gain=INIT_ZERO_GAIN)
+        self.enc, skips = _encoder(in_channels, model_channels, levels, num_blocks, attn, block)
+        self.dec = _decoder(out_channels, levels, num_blocks, attn, block, skips)
 
     def forward(
         self,
@@ -195,3 +166,44 @@ class SongUNet(nn.Module):
                 f"class_labels must have shape ({x.shape[0]}, {self.label_dim}) (one-hot), "
                 f"got {tuple(class_labels.shape)}"
             )
+
+
+def _encoder(in_channels, model_channels, levels, num_blocks, attn, block) -> tuple[nn.ModuleDict, list[int]]:
+    """One level per (resolution, width) in `levels`: a 3×3 conv (first level) or a downsampling block,
+    then `num_blocks` blocks. Returns the modules and the channels of every output, all skips."""
+    enc, skips = nn.ModuleDict(), []
+    cout = model_channels
+    for level, (res, width) in enumerate(levels):
+        tag = f"{res}x{res}"
+        if level == 0:
+            enc[f"{tag}_conv"] = conv(in_channels, cout, 3)
+        else:
+            enc[f"{tag}_down"] = block(cout, cout, resample_mode="down")
+        skips.append(cout)
+        for idx in range(num_blocks):
+            cin, cout = cout, width
+            enc[f"{tag}_block{idx}"] = block(cin, cout, num_heads=1 if res in attn else 0)
+            skips.append(cout)
+    return enc, skips
+
+
+def _decoder(out_channels, levels, num_blocks, attn, block, skips) -> nn.ModuleDict:
+    """The encoder's mirror image: the middle (``in0`` with attention, ``in1``) or an upsampling block,
+    then num_blocks + 1 blocks per level, each eating the latest skip; then norm and 3×3 conv out."""
+    dec, skips = nn.ModuleDict(), list(skips)
+    cout = skips[-1]
+    for level in reversed(range(len(levels))):
+        res, width = levels[level]
+        tag = f"{res}x{res}"
+        if level == len(levels) - 1:
+            dec[f"{tag}_in0"] = block(cout, cout, num_heads=1)
+            dec[f"{tag}_in1"] = block(cout, cout)
+        else:
+            dec[f"{tag}_up"] = block(cout, cout, resample_mode="up")
+        for idx in range(num_blocks + 1):
+            cin, cout = cout + skips.pop(), width
+            dec[f"{tag}_block{idx}"] = block(cin, cout, num_heads=1 if idx == num_blocks and res in attn else 0)
+    tag = f"{levels[0][0]}x{levels[0][0]}"
+    dec[f"{tag}_aux_norm"] = group_norm(cout, eps=1e-6)
+    dec[f"{tag}_aux_conv"] = conv(cout, out_channels, 3, gain=INIT_ZERO_GAIN)
+    return dec
