@@ -75,7 +75,7 @@ def test_a_new_method_is_one_entry(tmp_path, blobs, monkeypatch):
         calls.append(d.step)
         return ((D(x0 + d.t.reshape(-1, 1, 1, 1) * d.noise, d.t) - x0) ** 2).flatten(1).sum(1)
 
-    toy = Method("toy", "tune", "a test objective", METHODS["ect"].times, loss, start="new")
+    toy = Method("toy", "a test objective", METHODS["ect"].times, loss, start="new")
     monkeypatch.setitem(METHODS, "toy", toy)
     ds, spec = blobs
     cfg = _cfg("toy", spec, 3)
@@ -104,3 +104,15 @@ def test_replayed_draws_the_same_and_leaves_the_stream_where_it_was():
     torch.manual_seed(0)
     torch.rand(5)
     assert torch.equal(first, again) and torch.equal(after, torch.rand(5))
+
+
+def test_kind_follows_the_method_and_a_recorded_kind_must_agree():
+    from ectune.config import RunConfig
+    from ectune.errors import EctuneError
+    cfg = preset("tiny", "tune")
+    d = json.loads(cfg.to_json())
+    assert d["kind"] == "tune" and list(d)[0] == "kind" and RunConfig.from_dict(d) == cfg
+    assert dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, method="edm")).kind == "pretrain"
+    assert RunConfig.from_dict({k: v for k, v in d.items() if k != "kind"}) == cfg     # kind is optional
+    with pytest.raises(EctuneError, match="kind 'pretrain' disagrees with its loss.method 'ect'"):
+        RunConfig.from_dict({**d, "kind": "pretrain"})

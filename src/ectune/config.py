@@ -114,9 +114,14 @@ class EngineConfig:
     tensorboard: str = "auto"               # "auto" (on when the tensorboard package is installed) | "on" | "off"
 
 
+def kind_of(method: str) -> str:
+    """A run's kind follows its loss.method: "pretrain" (a diffusion model) for EDM's objective, "tune"
+    (a consistency model) for every other."""
+    return "pretrain" if method == "edm" else "tune"
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    kind: str = "pretrain"                  # "pretrain" | "tune"
     preset: str = "fmnist"
     data: str = "fashion-mnist"
     teacher: str = ""                       # tune: run folder or weights file it starts from
@@ -137,17 +142,29 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     @property
+    def kind(self) -> str:
+        """"pretrain" or "tune", from loss.method (`kind_of`); config.json records it for its readers."""
+        return kind_of(self.loss.method)
+
+    @property
     def stage_length(self) -> int:
         """Iterations per ECT stage in effect: `loss.stage_iters` (fixed when the run is created), or,
         while it is 0, the run split into `loss.stages` stages."""
         return self.loss.stage_iters or max(1, math.ceil(self.steps / self.loss.stages))
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+        return json.dumps({"kind": self.kind, **dataclasses.asdict(self)}, indent=2)
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        cfg = _build(cls, d, "")
+        """The config of a dict as `to_json` writes it; a recorded "kind" must agree with loss.method."""
+        if not isinstance(d, dict):
+            raise EctuneError(f"config section 'root' must be an object, got {type(d).__name__}")
+        kind = d.get("kind")
+        cfg = _build(cls, {k: v for k, v in d.items() if k != "kind"}, "")
+        if kind is not None and kind != cfg.kind:
+            raise EctuneError(f"config kind {kind!r} disagrees with its loss.method {cfg.loss.method!r} (a "
+                              f"{cfg.kind} method); fix one of them")
         _check_values(cfg)
         return cfg
 
@@ -272,6 +289,10 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         key, sep, value = item.partition("=")
         if not sep:
             raise EctuneError(f"override {item!r} must look like section.field=value, e.g. loss.q=4")
+        if key.strip() == "kind":
+            raise EctuneError(f"--set {item.strip()} is refused: a run's kind follows its loss.method (edm: "
+                              "pretrain, the consistency methods: tune); use `ectune pretrain` to train a "
+                              "diffusion model and `ectune tune` to train a consistency model")
         *path, leaf = key.strip().split(".")
         node = d
         for part in path:
@@ -382,9 +403,8 @@ def _pretrain_and_tune(name: str, entry: dict) -> dict[str, RunConfig]:
     """A table entry's two configs: its shared fields with its "pretrain" or "tune" fields over them;
     tuning starts from ECT's loss and RAdam."""
     common = {k: v for k, v in entry.items() if k not in ("pretrain", "tune")}
-    return {"pretrain": RunConfig(kind="pretrain", preset=name, **{**common, **entry["pretrain"]}),
-            "tune": RunConfig(kind="tune", preset=name, **{**common, "loss": _ECT_LOSS, "optim": _RADAM,
-                                                            **entry["tune"]})}
+    return {"pretrain": RunConfig(preset=name, **{**common, **entry["pretrain"]}),
+            "tune": RunConfig(preset=name, **{**common, "loss": _ECT_LOSS, "optim": _RADAM, **entry["tune"]})}
 
 
 def preset(name: str, kind: str) -> RunConfig:

@@ -94,5 +94,5 @@ def diffusers_denoiser(root, device="cpu") -> tuple[torch.nn.Module, RunConfig]:
     if classes:
         raise EctuneError(f"{root}: class-conditional diffusers UNets (num_class_embeds) are not supported")
     net = NetConfig(size="diffusers", img_resolution=size, in_channels=channels)
-    cfg = RunConfig(kind="pretrain", preset="diffusers", data="", net=net)
+    cfg = RunConfig(preset="diffusers", data="", net=net)
     return load_diffusers_teacher(root, device), cfg

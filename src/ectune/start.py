@@ -61,11 +61,9 @@ def pretrain_parts(cfg: RunConfig, cond: bool = False):
     """(config with the data's shape and classes, dataset, new network) of a pretrain run; `cond`:
     class-conditional on the dataset's labels."""
     from .models import build_denoiser
-    wrong = [f"{k}={v}" for k, v, want in (("kind", cfg.kind, "pretrain"), ("loss.method", cfg.loss.method, "edm"))
-             if v != want]
-    if wrong:
-        raise EctuneError(f"pretrain trains an EDM diffusion model, so --set {' '.join(wrong)} is refused; "
-                          "use `ectune tune` to train a consistency model")
+    if cfg.kind != "pretrain":
+        raise EctuneError(f"pretrain trains an EDM diffusion model, so --set loss.method={cfg.loss.method} is "
+                          "refused; use `ectune tune` to train a consistency model")
     ds = load_training_data(cfg.data)
     if cond and ds.labels is None:
         raise EctuneError(f"--cond needs class labels but --data {cfg.data} has none; drop --cond or use labelled data")
@@ -147,9 +145,6 @@ def tune_parts(cfg: RunConfig, base: TuneBase):
     if cfg.loss.method not in TUNE_METHODS:
         raise EctuneError(f"tune trains a consistency model: loss.method must be {', '.join(TUNE_METHODS[:-1])} or "
                           f"{TUNE_METHODS[-1]}, not {cfg.loss.method!r}")
-    if cfg.kind != "tune":
-        raise EctuneError(f"tune trains a consistency model, so --set kind={cfg.kind} is refused; "
-                          "use `ectune pretrain` to train a diffusion model")
     ds = load_training_data(cfg.data)
     want = (cfg.net.in_channels, cfg.net.img_resolution)
     if (ds.images.shape[1], ds.images.shape[2]) != want:

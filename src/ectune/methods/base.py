@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import RunConfig
+from ..config import RunConfig, kind_of
 from ..images import from_uint8
 
 
@@ -60,7 +60,6 @@ class Method:
     `recipe` turns a tune preset into this method's own settings (iCT's schedule and weighting);
     `freeze` fixes, when a run is created, the schedule lengths that would otherwise follow --steps."""
     name: str
-    kind: str                               # "pretrain" (a diffusion model) | "tune" (a consistency model)
     help: str
     times: Times
     loss: Loss
@@ -69,3 +68,8 @@ class Method:
     references: Callable[[RunConfig], int] = lambda cfg: 0
     recipe: Callable[[RunConfig], RunConfig] = _unchanged
     freeze: Callable[[RunConfig], RunConfig] = _unchanged
+
+    @property
+    def kind(self) -> str:
+        """"pretrain" (a diffusion model) or "tune" (a consistency model): `config.kind_of`."""
+        return kind_of(self.name)

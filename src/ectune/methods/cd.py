@@ -13,5 +13,5 @@ def _loss(cfg, D, x0, labels, d, teacher=None):
     return cd_loss(D, teacher, x0, d.t, d.r, d.noise, solver=cfg.loss.cd_solver, **consistency_kw(cfg, labels))
 
 
-CD = Method("cd", "tune", "consistency distillation from the frozen teacher", stage_times, _loss,
+CD = Method("cd", "consistency distillation from the frozen teacher", stage_times, _loss,
             frozen_teacher=True, freeze=freeze_stages)

@@ -37,5 +37,5 @@ def _loss(cfg, D, x0, labels, d, teacher=None):
     return ect_loss(D, x0, d.t, d.r, d.noise, **consistency_kw(cfg, labels))
 
 
-ECT = Method("ect", "tune", "Easy Consistency Tuning of the teacher (default)", stage_times, _loss,
+ECT = Method("ect", "Easy Consistency Tuning of the teacher (default)", stage_times, _loss,
              freeze=freeze_stages)

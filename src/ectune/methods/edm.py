@@ -15,4 +15,4 @@ def _loss(cfg, D, x0, labels, d, teacher=None):
     return loss(D, x0, d.t, d.noise, sigma_data=cfg.net.sigma_data, class_labels=labels)
 
 
-EDM = Method("edm", "pretrain", "EDM diffusion pretraining", _times, _loss, start="new")
+EDM = Method("edm", "EDM diffusion pretraining", _times, _loss, start="new")

@@ -35,5 +35,5 @@ def freeze(cfg):
     return replace(cfg, loss=replace(cfg.loss, ict_total_steps=cfg.loss.ict_total_steps or cfg.steps))
 
 
-ICT = Method("ict", "tune", "consistency training from random init (iCT schedule)", _times, _loss, start="new",
+ICT = Method("ict", "consistency training from random init (iCT schedule)", _times, _loss, start="new",
              recipe=recipe, freeze=freeze)

@@ -12,5 +12,5 @@ def _loss(cfg, D, x0, labels, d, teacher=None):
     return sct_loss(D, x0, d.t, d.r, d.noise, refs, ref_labels=d.ref_labels, **consistency_kw(cfg, labels))
 
 
-SCT = Method("sct", "tune", "ECT with a variance-reduced r-point (loss.sct_refs reference images)", stage_times,
+SCT = Method("sct", "ECT with a variance-reduced r-point (loss.sct_refs reference images)", stage_times,
              _loss, references=lambda cfg: cfg.loss.sct_refs, freeze=freeze_stages)
