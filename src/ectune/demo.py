@@ -182,13 +182,8 @@ def run_demo(out: Path, *, minutes: float | None = None, n: int = 1000, device=t
     """
     if minutes is None and steps is None:
         steps = DEMO_STEPS
-    start = time.perf_counter()
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / ".ectune-demo").exists():
-        raise EctuneError(f"{out} exists and holds something other than an ectune demo; choose another --out")
-    shutil.rmtree(out / "tune", ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ".ectune-demo").write_text("folder written by `ectune demo`\n")
+    start, out = time.perf_counter(), Path(out)
+    _claim_folder(out)
     ref = reference()                   # computed once per machine (cached), before the budget is sized
     t_cfg, tensors, _ = read_weights(shipped_teacher())
     teacher = student_from(tensors, t_cfg.net, "shipped teacher").to(device).eval()
@@ -209,13 +204,26 @@ def run_demo(out: Path, *, minutes: float | None = None, n: int = 1000, device=t
                              progress=lambda r: log(f"  {r['model']:7s} {r['weights']:6s} {r['sampler']:14s} "
                                                     f"NFE {r['nfe']:2d}  FD {r['fd']:8.2f}"))
     comparison_grid(samples, out / "grid.png")
-    meta = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, device {device}",
-            "recipe": f"{RECIPE['name']} (--method {cfg.loss.method}, loss.P_mean={cfg.loss.P_mean:g})",
-            "tune_steps": cfg.steps, "tune_batch": cfg.batch, "tune_images": cfg.steps * cfg.batch,
-            "tune_seconds": tune_seconds, "teacher_images": 3840000, "num_samples": n,
-            "mid_ts": list(cfg.sample.mid_ts), "metric": "FD, ectune Fashion-MNIST classifier features",
-            "total_seconds": time.perf_counter() - start}
+    meta = _meta(cfg, device, n, tune_seconds, time.perf_counter() - start)
     write_report(out, rows, meta)
     run_report(out / "tune")                    # the tuning run's own report: loss with stages, last grid
     log(f"demo: done in {meta['total_seconds'] / 60:.1f} min; see {out}/report.md and {out}/grid.png")
     return {**meta, "rows": rows}
+
+
+def _claim_folder(out: Path) -> None:
+    """Make `out` a demo folder without a tuning run: refuse one that holds anything else."""
+    if out.exists() and any(out.iterdir()) and not (out / ".ectune-demo").exists():
+        raise EctuneError(f"{out} exists and holds something other than an ectune demo; choose another --out")
+    shutil.rmtree(out / "tune", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".ectune-demo").write_text("folder written by `ectune demo`\n")
+
+
+def _meta(cfg: RunConfig, device, n: int, tune_seconds: float, total_seconds: float) -> dict:
+    return {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, device {device}",
+            "recipe": f"{RECIPE['name']} (--method {cfg.loss.method}, loss.P_mean={cfg.loss.P_mean:g})",
+            "tune_steps": cfg.steps, "tune_batch": cfg.batch, "tune_images": cfg.steps * cfg.batch,
+            "tune_seconds": tune_seconds, "teacher_images": 3840000, "num_samples": n,
+            "mid_ts": list(cfg.sample.mid_ts), "metric": "FD, ectune Fashion-MNIST classifier features",
+            "total_seconds": total_seconds}
