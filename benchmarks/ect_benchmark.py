@@ -128,7 +128,7 @@ def fit_power_law(x, y) -> tuple[float, float]:
     return float(math.exp(log_a)), float(b)
 
 
-def main() -> None:
+def _args():
     from ectune.demo import shipped_teacher
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/bench")
@@ -149,87 +149,109 @@ def main() -> None:
     ap.add_argument("--teacher2", default="runs/teacher-w8", help="a teacher of another width (scaling)")
     ap.add_argument("--inception-n", type=int, default=500)
     args = ap.parse_args()
-    out, runs = Path(args.out), Path(args.runs)
-    cache = RowCache(out)
-    torch.manual_seed(0)
-    ref = reference()
-    seeds = list(range(args.n))
-    seeds_c = list(range(args.n_compute or args.n))
-    budgets = sorted(int(b) for b in args.budgets.split(","))
-    big, cmp_ = budgets[-1], args.compare
-    if cmp_ not in budgets:
-        raise SystemExit(f"--compare {cmp_} must be one of --budgets {budgets}")
-    long_widths = set(args.widths.split(","))
-    tag = f"n{args.n}"
+    args.budget_list = sorted(int(b) for b in args.budgets.split(","))
+    if args.compare not in args.budget_list:
+        raise SystemExit(f"--compare {args.compare} must be one of --budgets {args.budget_list}")
+    return args
 
-    # 1. Quality vs NFE of the teacher.
+
+def main() -> None:
+    args = _args()
+    out, runs, cache = Path(args.out), Path(args.runs), RowCache(Path(args.out))
+    torch.manual_seed(0)
+    ref, seeds, seeds_c = reference(), list(range(args.n)), list(range(args.n_compute or args.n))
+    big, cmp_ = args.budget_list[-1], args.compare
     T, _ = load_denoiser(args.teacher)
+    diffusion = diffusion_rows(cache, T, seeds, ref)                                    # 1. quality vs NFE
+    teachers = {"w16": args.teacher, **({"w8": args.teacher2} if args.teacher2 and Path(args.teacher2).exists()
+                                         else {})}
+    heun35 = next(r for r in diffusion if r["family"] == "heun" and r["nfe"] == 35)
+    teacher_rows = teachers_heun35(cache, T, teachers, heun35, seeds, seeds_c, ref)
+    widths_budgets = {w: [b for b in args.budget_list if b <= cmp_ or w in set(args.widths.split(","))]
+                      for w in teachers}
+    models = tuning_rows(cache, runs, teachers, widths_budgets, args, seeds_c, ref)     # 2. + 4.
+    ect = consistency_rows(cache, runs / f"ect-w16-{big}", f"ect-w16-{big}", seeds, ref, args.n_search)
+    cost = cache.get("iteration-cost", lambda: iteration_cost(args.teacher, args.batch))   # 3. cost
+    E, _ = load_denoiser(runs / f"ect-w16-{big}")
+    speed = cache.get(f"throughput-{big}", lambda: throughput(T, E, ect["mid_ts"]))
+    inc = inception_rows(cache, T, E, ect["mid_ts"], args.inception_n, big)
+    scaling = {w: scaling_fit(models, w, widths_budgets[w], teacher_rows[w]["fd"]) for w in teachers}
+    summary = summarise(args, diffusion, heun35, ect, models, cost, speed, scaling, inc, len(seeds_c))
+    (out / "results.json").write_text(json.dumps({"diffusion": diffusion, "headline": ect, "models": models,
+                                                  "cost": cost, "throughput": speed, "inception": inc,
+                                                  "scaling": scaling, "teachers_heun35": teacher_rows}, indent=1))
+    Path("benchmarks/results/summary.json").write_text(json.dumps(summary, indent=1))
+    write_table(out / "table.md", diffusion, ([] if seeds_c == seeds else [(f"ect-w16-{big}", ect)])
+                + list(models.items()))
+    plot(out, diffusion, ect, models, scaling, big, cmp_)
+    print(json.dumps(summary, indent=1))
+
+
+def diffusion_rows(cache, T, seeds, ref) -> list[dict]:
+    """The teacher's Heun and DPM-Solver++ rows; a second process running the same command takes the
+    rows this one has not claimed (NFE <= 5 and Heun-35 first: the summary's inputs)."""
+    tag = f"n{len(seeds)}"
     jobs = {f"{tag}-teacher-heun{2 * lv - 1}": ("heun", 2 * lv - 1) for lv in HEUN_LEVELS}
     jobs.update({f"{tag}-teacher-dpm{k}": ("dpmpp2m", k) for k in DPM_NFE})
 
     def row(name):
         return lambda: teacher_row(T, seeds, ref, *jobs[name])
 
-    def priority(name):                      # NFE <= 5, then Heun-35: the summary's inputs come first
+    def priority(name):
         family, nfe = jobs[name]
         return (0 if nfe <= 5 else 1 if (family, nfe) == ("heun", 35) else 2, nfe)
-    # A second process running the same command takes the rows this one has not claimed.
     for name in sorted(jobs, key=priority):
         cache.get(name, row(name), wait=False)
-    diffusion = [cache.get(name, row(name)) for name in jobs]
+    return [cache.get(name, row(name)) for name in jobs]
 
-    # 2. + 4. Tuning runs: ECT at every budget (two widths), iCT and CD at the largest.
-    models = {}
-    teachers = {"w16": args.teacher}
-    if args.teacher2 and Path(args.teacher2).exists():
-        teachers["w8"] = args.teacher2
-    heun35 = next(r for r in diffusion if r["family"] == "heun" and r["nfe"] == 35)
-    # The teachers' Heun-35 rows at --n-compute, the reference line of the scaling plot.
+
+def teachers_heun35(cache, T, teachers, heun35, seeds, seeds_c, ref) -> dict:
+    """Each teacher's Heun-35 row at --n-compute: the reference line of the scaling plot."""
     tag_c = f"n{len(seeds_c)}"
-    teacher_rows = {"w16": heun35 if seeds_c == seeds else cache.get(
+    rows = {"w16": heun35 if seeds_c == seeds else cache.get(
         f"{tag_c}-teacher-heun35", lambda: teacher_row(T, seeds_c, ref, "heun", 35))}
     if "w8" in teachers:
-        T2, _ = load_denoiser(args.teacher2)
-        teacher_rows["w8"] = cache.get(f"{tag_c}-teacher2-heun35", lambda: teacher_row(
+        T2, _ = load_denoiser(teachers["w8"])
+        rows["w8"] = cache.get(f"{tag_c}-teacher2-heun35", lambda: teacher_row(
             T2, seeds_c, ref, "heun", 35, who="teacher w8"))
-    widths_budgets = {w: [b for b in budgets if b <= cmp_ or w in long_widths] for w in teachers}
-    for width, teacher in teachers.items():
-        for steps in widths_budgets[width]:
-            name = f"ect-{width}-{steps}"
-            run = tune_run(runs / name, teacher, "ect", steps=steps, batch=args.batch)
-            models[name] = consistency_rows(cache, run, name, seeds_c, ref, args.n_search)
-    for method in ("ict", "cd"):
-        name = f"{method}-w16-{cmp_}"
-        run = tune_run(runs / name, args.teacher, method, steps=cmp_, batch=args.batch)
+    return rows
+
+
+def tuning_rows(cache, runs, teachers, widths_budgets, args, seeds_c, ref) -> dict:
+    """ECT at every budget of each width, iCT and CD at --compare: their 1- and 2-step rows."""
+    models = {}
+    jobs = [(f"ect-{w}-{steps}", teacher, "ect", steps) for w, teacher in teachers.items()
+            for steps in widths_budgets[w]]
+    jobs += [(f"{m}-w16-{args.compare}", args.teacher, m, args.compare) for m in ("ict", "cd")]
+    for name, teacher, method, steps in jobs:
+        run = tune_run(runs / name, teacher, method, steps=steps, batch=args.batch)
         models[name] = consistency_rows(cache, run, name, seeds_c, ref, args.n_search)
-    # The headline ECT run on the teacher rows' seeds (part 1).
-    ect = consistency_rows(cache, runs / f"ect-w16-{big}", f"ect-w16-{big}", seeds, ref, args.n_search)
+    return models
 
-    # 3. Cost.
-    cost = cache.get("iteration-cost", lambda: iteration_cost(args.teacher, args.batch))
-    E, _ = load_denoiser(runs / f"ect-w16-{big}")
-    speed = cache.get(f"throughput-{big}", lambda: throughput(T, E, ect["mid_ts"]))
 
-    # Inception FID on two rows (slow on CPU: ~8 images/s).
-    inc = {}
-    if args.inception_n > 0:
-        inc["ect_2step"] = cache.get(f"inception{args.inception_n}-ect-{big}-2step", lambda: inception_row(
-            E, args.inception_n, "ECT 2 steps", ts=[80.0, *ect["mid_ts"]]))
-        inc["teacher_heun35"] = cache.get(f"inception{args.inception_n}-teacher-heun35", lambda: inception_row(
-            T, args.inception_n, "teacher Heun 35 NFE", sampler="heun", heun_steps=18))
+def inception_rows(cache, T, E, mid_ts, n: int, big: int) -> dict:
+    """Inception FID of ECT 2 steps and teacher Heun-35 (slow on CPU: ~8 images/s)."""
+    if n <= 0:
+        return {}
+    return {"ect_2step": cache.get(f"inception{n}-ect-{big}-2step", lambda: inception_row(
+                E, n, "ECT 2 steps", ts=[80.0, *mid_ts])),
+            "teacher_heun35": cache.get(f"inception{n}-teacher-heun35", lambda: inception_row(
+                T, n, "teacher Heun 35 NFE", sampler="heun", heun_steps=18))}
 
-    # Scaling fits.
-    scaling = {}
-    for width in teachers:
-        pts = [(models[f"ect-{width}-{b}"]["images"], models[f"ect-{width}-{b}"]["2step"]["fd"],
-                models[f"ect-{width}-{b}"]["1step"]["fd"]) for b in widths_budgets[width]]
-        scaling[width] = {"images": [p[0] for p in pts], "fd_2step": [p[1] for p in pts],
-                          "fd_1step": [p[2] for p in pts],
-                          "fit_2step": fit_power_law([p[0] for p in pts], [p[1] for p in pts]),
-                          "fit_1step": fit_power_law([p[0] for p in pts], [p[2] for p in pts]),
-                          "teacher_heun35_fd": teacher_rows[width]["fd"]}
 
-    summary = {
+def scaling_fit(models, width: str, budgets, teacher_fd: float) -> dict:
+    """FD against tuning images of one width's ECT runs, with the power laws fitted to them."""
+    rows = [models[f"ect-{width}-{b}"] for b in budgets]
+    images = [m["images"] for m in rows]
+    two, one = [m["2step"]["fd"] for m in rows], [m["1step"]["fd"] for m in rows]
+    return {"images": images, "fd_2step": two, "fd_1step": one, "fit_2step": fit_power_law(images, two),
+            "fit_1step": fit_power_law(images, one), "teacher_heun35_fd": teacher_fd}
+
+
+def summarise(args, diffusion, heun35, ect, models, cost, speed, scaling, inc, n_compute: int) -> dict:
+    """The keys of benchmarks/results/summary.json."""
+    cmp_ = args.compare
+    return {
         "teacher_heun35_fd": heun35["fd"],
         "ect_1step_fd": ect["1step"]["fd"],
         "ect_2step_fd": ect["2step"]["fd"],
@@ -246,23 +268,13 @@ def main() -> None:
         "ect_2step_fd_power_law_exponent": scaling["w16"]["fit_2step"][1],
         "metric": "FD in ectune's Fashion-MNIST classifier features vs the 10k test images (floor 0.73)",
         "samples_per_row": args.n,
-        "samples_per_row_compute_and_scaling": len(seeds_c),
+        "samples_per_row_compute_and_scaling": n_compute,
         "inception_fid": {k: v["fid"] for k, v in inc.items()},
         "command": "python benchmarks/ect_benchmark.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "budget_list"),
         "date": time.strftime("%Y-%m-%d"), "ectune_version": __version__,
         "machine": f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}",
     }
-    (out / "results.json").write_text(json.dumps({"diffusion": diffusion, "headline": ect, "models": models,
-                                                  "cost": cost,
-                                                  "throughput": speed,
-                                                  "inception": inc, "scaling": scaling,
-                                                  "teachers_heun35": teacher_rows}, indent=1))
-    Path("benchmarks/results/summary.json").write_text(json.dumps(summary, indent=1))
-    write_table(out / "table.md", diffusion, ([] if seeds_c == seeds else [(f"ect-w16-{big}", ect)])
-                + list(models.items()))
-    plot(out, diffusion, ect, models, scaling, big, cmp_)
-    print(json.dumps(summary, indent=1))
 
 
 def write_table(path: Path, diffusion, models) -> None:
