@@ -11,7 +11,7 @@ from ectune.evaluate import file_sha256
 from ectune.images import to_uint8
 from ectune.importers import load_diffusers_teacher
 from ectune.models import load_denoiser
-from ectune.sampling import sample_images
+from ectune.sampling import Sampler, sample_images
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_sample_from_a_diffusers_folder_is_the_wrappers_heun(ddpm_folder, tmp_pa
     assert main(["sample", "--ckpt", str(ddpm_folder), "--num-steps", "3", "--n", "3", "--seed", "5",
                  "--out", str(out)]) == 0
     D = load_diffusers_teacher(ddpm_folder)
-    ref = sample_images(D, [5, 6, 7], (1, 28, 28), sampler="heun", heun_steps=3, batch=3)
+    ref = sample_images(D, [5, 6, 7], (1, 28, 28), Sampler.heun(3), batch=3)
     with np.load(out) as z:
         assert z["seeds"].tolist() == [5, 6, 7]
         assert np.array_equal(z["images"], to_uint8(ref))

@@ -19,7 +19,7 @@ from ectune.demo import shipped_teacher
 from ectune.errors import EctuneError
 from ectune.evaluate import classifier_reference_spec, is_fashion_mnist
 from ectune.progress import Progress
-from ectune.sampling import sample_images
+from ectune.sampling import Sampler, sample_images
 from test_demo import _have_fmnist
 
 
@@ -152,11 +152,10 @@ def test_sample_images_advances_progress_by_samples(gaussian_denoiser):
 
         def update(self, n):
             self.done += n
-    for kw, calls in ((dict(sampler="heun", heun_steps=3), 5), (dict(sampler="dpmpp2m", dpm_nfe=4), 4),
-                      (dict(ts=[80.0, 1.0]), 2)):
+    for sampler, calls in ((Sampler.heun(3), 5), (Sampler.dpmpp2m(4), 4), (Sampler.consistency([80.0, 1.0]), 2)):
         c = Count()
         gaussian_denoiser.calls.clear()
-        sample_images(gaussian_denoiser, list(range(5)), (1, 2, 2), batch=2, progress=c, **kw)
+        sample_images(gaussian_denoiser, list(range(5)), (1, 2, 2), sampler, batch=2, progress=c)
         assert c.done == pytest.approx(5) and len(gaussian_denoiser.calls) == 3 * calls
 
 
@@ -213,18 +212,20 @@ def test_data_help_lists_what_works(capsys):
         assert word in out, word
 
 
-@pytest.mark.parametrize("kw, words", [
-    (dict(batch=0), ["--batch"]), (dict(sampler="dpmpp2m", dpm_nfe=0), ["--nfe"]),
-    (dict(sampler="heun", heun_steps=0), ["--num-steps"]), (dict(sampler="euler"), ["--sampler"])])
-def test_sampler_errors_name_the_flag(kw, words, gaussian_denoiser):
+@pytest.mark.parametrize("make, words", [
+    (lambda: dict(sampler=Sampler.consistency(), batch=0), ["--batch"]),
+    (lambda: dict(sampler=Sampler.dpmpp2m(0)), ["--nfe"]),
+    (lambda: dict(sampler=Sampler.heun(0)), ["--num-steps"]),
+    (lambda: dict(sampler=Sampler("euler", (80.0, 0.0))), ["--sampler"])])
+def test_sampler_errors_name_the_flag(make, words, gaussian_denoiser):
     with pytest.raises(ValueError) as e:
-        sample_images(gaussian_denoiser, [0], (1, 2, 2), **kw)
+        sample_images(gaussian_denoiser, [0], (1, 2, 2), **make())
     assert all(w in str(e.value) for w in words) and "range()" not in str(e.value), e.value
 
 
 def test_no_seeds_is_no_bare_torch_cat_error(gaussian_denoiser):
     with pytest.raises(ValueError, match="--n"):
-        sample_images(gaussian_denoiser, [], (1, 2, 2))
+        sample_images(gaussian_denoiser, [], (1, 2, 2), Sampler.consistency())
 
 
 @pytest.mark.parametrize("item, words", [

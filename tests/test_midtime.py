@@ -67,7 +67,7 @@ def test_cli_eval_search_stores_and_sample_uses_it(tmp_path, capsys):
     from ectune.cli import main
     from ectune.demo import shipped_teacher
     from ectune.models import load_denoiser
-    from ectune.sampling import sample_images
+    from ectune.sampling import Sampler, sample_images
     f = tmp_path / "m.safetensors"
     shutil.copy(shipped_teacher(), f)                          # any denoiser works for the mechanics
     out = tmp_path / "r.json"
@@ -82,7 +82,7 @@ def test_cli_eval_search_stores_and_sample_uses_it(tmp_path, capsys):
                  "--out", str(tmp_path / "s.npz")]) == 0
     import numpy as np
     D, _ = load_denoiser(f)
-    want = sample_images(D, [0, 1, 2], (1, 28, 28), ts=[80.0, *best])
+    want = sample_images(D, [0, 1, 2], (1, 28, 28), Sampler.consistency([80.0, *best]))
     got = np.load(tmp_path / "s.npz")["images"]
     from ectune.images import to_uint8
     assert np.array_equal(got, to_uint8(want))
@@ -103,3 +103,25 @@ def test_eval_and_search_on_a_class_conditional_model(tmp_path):
                  "--search-mid-t", "--candidates", "0.5", "2.0", "--search-n", "8", "--n", "8",
                  "--ref-data", "fashion-mnist", "--out", str(out)]) == 0   # random data: score vs FMNIST explicitly
     assert json.loads(out.read_text())["mid_t_search"]["mid_ts"][0] in (0.5, 2.0)
+
+
+def test_update_mid_times_adds_one_entry_atomically_and_leaves_the_weights(tmp_path):
+    from ectune.checkpoint import mid_times_file, read_mid_times, update_mid_times
+    from ectune.demo import shipped_teacher
+    f = tmp_path / "model.safetensors"
+    shutil.copy(shipped_teacher(), f)
+    raw = f.read_bytes()
+    assert update_mid_times(f, [2.0]) == mid_times_file(f) == tmp_path / "mid_times.json"
+    update_mid_times(f, [3.0, 0.5])
+    update_mid_times(f, [1.0])                                         # replaces the 2-step entry only
+    assert read_mid_times(f) == {"2": [1.0], "3": [3.0, 0.5]} and f.read_bytes() == raw
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mid_times.json", "model.safetensors"]   # no temporaries
+
+
+def test_a_note_for_a_flag_the_default_sampler_does_not_use(tmp_path, capsys):
+    from ectune.cli import main
+    from ectune.demo import shipped_teacher                            # a pretrain model: heun by default
+    assert main(["sample", "--ckpt", str(shipped_teacher()), "--steps", "2", "--num-steps", "2", "--n", "1",
+                 "--out", str(tmp_path / "s.npz"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "ectune: note: --steps is not used by the heun sampler" in err and "--sampler consistency" in err

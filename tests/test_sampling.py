@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ectune.sampling import (consistency_sampler, default_consistency_times, dpmpp2m_sampler, dpmpp_nfe,
-                             heun_nfe, heun_sampler, sample_images, seeded_noise)
+                             heun_nfe, heun_sampler, sample_images, seeded_noise, Sampler)
 from ectune.schedules import karras_sigmas
 
 
@@ -90,8 +90,8 @@ def test_seeded_noise_independent_of_batching():
 
 
 def test_sample_images_same_seed_same_image_any_batch(gaussian_denoiser):
-    full = sample_images(gaussian_denoiser, list(range(6)), (1, 4, 4), ts=(80.0, 1.5), batch=6)
-    split = sample_images(gaussian_denoiser, list(range(6)), (1, 4, 4), ts=(80.0, 1.5), batch=4)
+    full = sample_images(gaussian_denoiser, list(range(6)), (1, 4, 4), Sampler.consistency((80.0, 1.5)), batch=6)
+    split = sample_images(gaussian_denoiser, list(range(6)), (1, 4, 4), Sampler.consistency((80.0, 1.5)), batch=4)
     assert torch.equal(full, split)
 
 
@@ -150,9 +150,9 @@ def test_dpmpp2m_beats_euler_at_equal_nfe(gaussian_denoiser):
 
 
 def test_sample_images_dpmpp2m_same_seed_same_image_any_batch(gaussian_denoiser):
-    full = sample_images(gaussian_denoiser, list(range(6)), (1, 4, 4), sampler="dpmpp2m", dpm_nfe=5, batch=6)
-    split = sample_images(gaussian_denoiser, list(range(6)), (1, 4, 4), sampler="dpmpp2m", dpm_nfe=5, batch=4)
-    alone = sample_images(gaussian_denoiser, [4], (1, 4, 4), sampler="dpmpp2m", dpm_nfe=5)
+    full = sample_images(gaussian_denoiser, list(range(6)), (1, 4, 4), Sampler.dpmpp2m(5), batch=6)
+    split = sample_images(gaussian_denoiser, list(range(6)), (1, 4, 4), Sampler.dpmpp2m(5), batch=4)
+    alone = sample_images(gaussian_denoiser, [4], (1, 4, 4), Sampler.dpmpp2m(5))
     assert torch.equal(full, split) and torch.equal(full[4:5], alone)
     assert len(gaussian_denoiser.calls) == 4 * 5           # batches 6, 4 + 2 and 1: five calls each
 
@@ -168,3 +168,39 @@ def test_cli_sample_dpmpp2m(tmp_path, capsys):
     assert "dpmpp2m NFE 3" in capsys.readouterr().out
     with np.load(out) as z:
         assert z["images"].shape == (2, 1, 28, 28) and z["images"].dtype == np.uint8
+
+
+# --- one signature over an explicit grid, and the frozen description of a sampler
+def test_grid_samplers_are_the_named_samplers_bit_for_bit(gaussian_denoiser):
+    from ectune.sampling import sample_consistency, sample_dpmpp_2m, sample_heun
+    z, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    grid = karras_sigmas(5).tolist()
+    x = z.to(torch.float64) * grid[0]
+    assert torch.equal(sample_heun(gaussian_denoiser, x, grid), heun_sampler(gaussian_denoiser, z, num_steps=5))
+    assert torch.equal(sample_dpmpp_2m(gaussian_denoiser, x, grid), dpmpp2m_sampler(gaussian_denoiser, z, num_steps=5))
+    two = sample_consistency(gaussian_denoiser, z.to(torch.float64) * 80, [80.0, 0.8, 0.0], step_noise=[eps])
+    assert torch.equal(two, consistency_sampler(gaussian_denoiser, z, (80.0, 0.8), step_noise=[eps]))
+
+
+def test_sampler_description_records_what_results_record():
+    heun, dpm, cons = Sampler.heun(18), Sampler.dpmpp2m(7), Sampler.consistency([80, 1.5])
+    assert heun.spec == {"name": "heun", "num_steps": 18, "nfe": 35} and heun.nfe == heun_nfe(18)
+    assert dpm.spec == {"name": "dpmpp2m", "nfe": 7} and dpm.sigmas == tuple(karras_sigmas(7).tolist())
+    assert cons.spec == {"name": "consistency", "ts": [80.0, 1.5], "nfe": 2} and cons.sigmas == (80.0, 1.5, 0.0)
+    assert (heun.label, dpm.label, cons.label) == ("heun 18 steps", "dpmpp2m NFE 7", "consistency ts=[80.0, 1.5]")
+    assert Sampler.heun(18) == heun and hash(Sampler.heun(18)) == hash(heun)      # frozen: a value
+    with pytest.raises(AttributeError):
+        heun.name = "dpmpp2m"
+
+
+@pytest.mark.parametrize("name, sigmas", [("heun", (80.0, 1.0)), ("heun", (1.0, 80.0, 0.0)), ("dpmpp2m", (0.0,))])
+def test_a_sampler_grid_must_decrease_to_zero(name, sigmas):
+    with pytest.raises(ValueError):
+        Sampler(name, sigmas)
+
+
+def test_sample_images_runs_the_description(gaussian_denoiser):
+    sampler = Sampler.heun(3)
+    x = sample_images(gaussian_denoiser, [7, 8], (1, 4, 4), sampler)
+    (z,) = seeded_noise([7, 8], (1, 4, 4))
+    assert torch.equal(x, heun_sampler(gaussian_denoiser, z, num_steps=3))

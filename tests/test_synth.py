@@ -16,7 +16,7 @@ from ectune.data import load_dataset
 from ectune.errors import EctuneError
 from ectune.images import to_uint8
 from ectune.models import build_denoiser, load_denoiser
-from ectune.sampling import sample_images
+from ectune.sampling import Sampler, sample_images
 
 
 
@@ -176,7 +176,7 @@ def test_consistency_sampler_for_a_tuned_model(teacher, tmp_path):
     got = arrays(out)
     assert json.loads(str(got["manifest"]))["ts"] == [80.0, 1.5]
     D, _ = load_denoiser(ect)
-    x = sample_images(D, [0, 1, 2], (1, 16, 16), sampler="consistency", ts=[80.0, 1.5],
+    x = sample_images(D, [0, 1, 2], (1, 16, 16), Sampler.consistency([80.0, 1.5]),
                       class_labels=torch.tensor([0, 1, 2]))
     assert np.array_equal(got["images"], to_uint8(x))
 

@@ -196,6 +196,22 @@ def read_mid_times(weights: Path) -> dict[str, list[float]]:
     return found
 
 
+def update_mid_times(weights: Path, mid_ts) -> Path:
+    """Add searched mid times for (len(mid_ts) + 1)-step sampling to the sidecar of a weights file,
+    atomically, keeping the entries of other step counts (a 3-step search does not erase the 2-step
+    times). The weights file stays byte for byte as it was: its sha256 is the checkpoint's identity.
+    Returns the sidecar."""
+    f = Path(weights)
+    by_steps = {**read_mid_times(f), str(len(mid_ts) + 1): [float(t) for t in mid_ts]}
+    side = mid_times_file(f)
+    try:
+        with atomic_file(side) as out:
+            out.write((json.dumps(dict(sorted(by_steps.items())), indent=1) + "\n").encode("utf-8"))
+    except OSError as e:
+        raise EctuneError(f"cannot write {side} ({e}); check permissions and free space") from None
+    return side
+
+
 def _mid_times_json(text: str, source: str) -> dict[str, list[float]]:
     try:
         by_steps = json.loads(text)

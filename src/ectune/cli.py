@@ -15,9 +15,10 @@ from pathlib import Path
 
 from . import __version__, distributed
 from .config import RunConfig, preset, preset_names
-from .cliargs import check_args, check_model_args
+from .cliargs import check_args
 from .errors import EctuneError
 from .methods import METHODS, TUNE_METHODS
+
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder (created; an existing run there is continued)")
@@ -88,160 +89,51 @@ def _report(r) -> None:
         print(f"{cfg.kind} done: {cfg.steps} steps ({cfg.steps * cfg.batch / 1000:.1f} kimg) in {out}")
 
 
-def _sample_sharded(D, seeds, shape, labels, *, progress: bool = True, **kw):
-    """Samples for `seeds`, split by seed over torchrun processes: all of them, in order, on rank 0
-    (None on the others). A seed gives the same image whatever the number of processes. Rank 0 shows
-    its progress: a bar, or (progress False, --no-progress) a line on stderr every ~10%."""
-    from .progress import Progress
-    from .sampling import sample_images
-    mine = distributed.shard(range(len(seeds)))
-    if not mine:                                # more processes than seeds
-        import torch
-        return distributed.gather_shards(torch.empty((0, *shape)))
-    with Progress(len(mine), "sampling", bar=progress, quiet=not distributed.is_main()) as bar:
-        x = sample_images(D, [seeds[i] for i in mine], shape, class_labels=None if labels is None else labels[mine],
-                          progress=bar, **kw).cpu()
-    return distributed.gather_shards(x)
+def _sampler_flags(args) -> dict:
+    """The sampler flags as `generation.choose_sampler` takes them (None: not given)."""
+    return {"sampler": args.sampler, "steps": args.steps, "ts": args.ts, "num_steps": args.num_steps,
+            "nfe": args.nfe}
 
 
 def cmd_sample(args) -> None:
-    import torch
+    from .generation import sample_checkpoint
     from .images import save_samples
-    from .models import load_denoiser, resolve_device
-    from .sampling import default_consistency_times
-    device = resolve_device(args.device)
-    D, cfg = load_denoiser(args.ckpt, which=args.weights, device=device)
-    check_model_args(args, cfg)
-    sampler = args.sampler or ("heun" if cfg.kind == "pretrain" else "consistency")
-    ts = args.ts or default_consistency_times(args.steps, _mid_times(args, cfg), cfg.sample.t_max)
-    seeds = list(range(args.seed, args.seed + args.n))
-    shape = (cfg.net.in_channels, cfg.net.img_resolution, cfg.net.img_resolution)
-    labels = None
-    if cfg.net.label_dim:
-        labels = torch.full((args.n,), args.label) if args.label is not None else torch.tensor(seeds) % cfg.net.label_dim
-    try:
-        x = _sample_sharded(D, seeds, shape, labels, sampler=sampler, ts=ts, heun_steps=args.num_steps,
-                            dpm_nfe=args.nfe, batch=args.batch, device=device, progress=not args.no_progress)
-    except ValueError as e:
-        raise EctuneError(str(e)) from None
-    if x is None:                               # another torchrun rank: rank 0 writes
+    from .models import resolve_device
+    r = sample_checkpoint(args.ckpt, args.n, seed=args.seed, label=args.label, weights=args.weights,
+                          batch=args.batch, device=resolve_device(args.device), progress=not args.no_progress,
+                          **_sampler_flags(args))
+    if r.images is None:                        # another torchrun rank: rank 0 writes
         return
-    save_samples(x, args.out, seeds)
-    what = {"heun": f"heun {args.num_steps} steps", "dpmpp2m": f"dpmpp2m NFE {args.nfe}"}.get(
-        sampler, f"consistency ts={[round(t, 4) for t in ts]}")
-    print(f"wrote {args.n} samples ({what}) to {args.out}")
+    save_samples(r.images, args.out, r.seeds)
+    print(f"wrote {args.n} samples ({r.sampler.label}) to {args.out}")
 
 
 def cmd_synth(args) -> None:
     from .models import resolve_device
     from .synth import synthesize
-    r = synthesize(args.teacher, args.out, n=args.n, sampler=args.sampler, num_steps=args.num_steps,
-                   nfe=args.nfe, steps=args.steps, ts=args.ts, seed=args.seed, shard_size=args.shard_size,
-                   batch=args.batch, weights=args.weights, device=resolve_device(args.device),
-                   progress=not args.no_progress)
+    r = synthesize(args.teacher, args.out, n=args.n, seed=args.seed, shard_size=args.shard_size, batch=args.batch,
+                   weights=args.weights, device=resolve_device(args.device), progress=not args.no_progress,
+                   **_sampler_flags(args))
     m = r.manifest
-    what = {"heun": f"heun {m['num_steps']} steps", "dpmpp2m": f"DPM-Solver++(2M) {m['nfe']} NFE",
-            "consistency": f"consistency ts={m['ts']}"}[m["sampler"]]
     if r.repaired:
         print(f"remade corrupt shard(s) {', '.join(r.repaired)}", file=sys.stderr)
     done = "already complete" if r.was_complete else f"{r.generated} sampled now, {r.reused} shard(s) reused"
-    print(f"{args.out}: {m['n']} samples ({what}, seeds {m['seed']}..{m['seed'] + m['n'] - 1}); {done}")
-
-
-def _inception_reference(args, cfg, device):
-    """(ref, provenance features) for `eval --metric inception`: --ref-data (default: the run's data;
-    the test split of Fashion-MNIST) in Inception features, statistics cached."""
-    from .data import load_dataset
-    from .evaluate import inception_provenance, inception_reference
-    spec = args.ref_data or cfg.data
-    if not spec.strip():
-        raise EctuneError(f"--ckpt {args.ckpt} records no training data; pass --ref-data DATA (e.g. cifar10, "
-                          "fashion-mnist or a folder of images) to score it against")
-    ds = load_dataset(spec, split="test")
-    ref = inception_reference(ds, weights=args.inception, device=device, progress=_progress_mode(args))
-    return ref, inception_provenance(f"{spec} ({ds.name}, {len(ds)} images)", args.inception, len(ds))
-
-
-def _progress_mode(args):
-    """`progress` of the feature passes: a bar, or "lines" under --no-progress."""
-    return "lines" if args.no_progress else True
-
-
-def _search_mid_t(args, D, cfg, shape, sampler, seeds, score, ref, device) -> dict:
-    """Scan the mid time(s) of --steps-step sampling on held-out seeds; store the best in the checkpoint."""
-    from .midtime import HELDOUT_SEED0, candidate_grid, search_mid_times, store_mid_times
-    if sampler != "consistency" or args.steps < 2 or args.ts:
-        raise EctuneError("--search-mid-t searches consistency sampling with --steps 2 or more (and no --ts)")
-    held = list(range(HELDOUT_SEED0, HELDOUT_SEED0 + args.search_n))
-    if seeds[-1] >= HELDOUT_SEED0:
-        raise EctuneError(f"evaluation seeds must stay below {HELDOUT_SEED0}, where the held-out search seeds start")
-    cands = args.candidates or candidate_grid(0.1, 10.0, 13)
-    from .evaluate import fd_only
-    from .progress import Progress
-    with Progress(len(cands) * len(held) * (args.steps - 1), "mid-time search", bar=not args.no_progress) as bar:
-        best, tried = search_mid_times(D, shape, (lambda x: score(x)["fid"]) if args.metric == "inception" else
-                                       (lambda x: fd_only(x, ref)),
-                                       steps=args.steps, candidates=cands, seeds=held, t_max=cfg.sample.t_max,
-                                       batch=args.batch, device=device, class_labels=_labels(cfg, held),
-                                       progress=bar)
-    stored = store_mid_times(args.ckpt, best)
-    print(f"best mid times {[round(t, 4) for t in best]} on {len(held)} held-out seeds; stored in {stored}")
-    return {"mid_ts": best, "heldout_seeds": [held[0], held[-1] + 1], "tried": tried}
-
-
-def _labels(cfg: RunConfig, seeds):
-    """Class labels of a conditional model's samples: seed % classes (None for unconditional models)."""
-    import torch
-    return torch.tensor(list(seeds)) % cfg.net.label_dim if cfg.net.label_dim else None
-
-
-def _mid_times(args, cfg: RunConfig) -> list[float]:
-    """Mid times for --steps: a stored search result for that step count, else the config's."""
-    from .midtime import stored_mid_times
-    return stored_mid_times(args.ckpt, args.steps) or list(cfg.sample.mid_ts)
+    print(f"{args.out}: {m['n']} samples ({r.sampler.label}, seeds {m['seed']}..{m['seed'] + m['n'] - 1}); {done}")
 
 
 def cmd_eval(args) -> None:
-    from .evaluate import classifier_reference_for, provenance, score_inception, score_samples
-    from .models import load_denoiser, resolve_device
-    from .sampling import default_consistency_times
-    device = resolve_device(args.device)
-    D, cfg = load_denoiser(args.ckpt, which=args.weights, device=device)
-    check_model_args(args, cfg)
-    shape = (cfg.net.in_channels, cfg.net.img_resolution, cfg.net.img_resolution)
-    if args.metric == "classifier" and shape != (1, 28, 28):
-        raise EctuneError("the classifier metric measures Fashion-MNIST-shaped models (1x28x28); "
-                          "use --metric inception for other data")
-    sampler = args.sampler or ("heun" if cfg.kind == "pretrain" else "consistency")
-    seeds = list(range(args.seed, args.seed + args.n))
-    ref, features = (_inception_reference(args, cfg, device) if args.metric == "inception" else
-                     classifier_reference_for(cfg.data, args.ref_data, args.ckpt))
-
-    def score(x):
-        return (score_inception(x, ref, weights=args.inception, device=device, progress=_progress_mode(args))
-                if args.metric == "inception" else score_samples(x, ref))
-    search = None
-    if args.search_mid_t:
-        search = distributed.on_main(lambda: _search_mid_t(args, D, cfg, shape, sampler, seeds, score, ref, device))
-    ts = args.ts or default_consistency_times(args.steps, search["mid_ts"] if search else _mid_times(args, cfg),
-                                              cfg.sample.t_max)
-    spec = _sampler_spec(sampler, args, ts)
-    t0 = time.perf_counter()
-    x = _sample_sharded(D, seeds, shape, _labels(cfg, seeds), sampler=sampler, ts=ts, heun_steps=args.num_steps,
-                        dpm_nfe=args.nfe, batch=args.batch, device=device, progress=not args.no_progress)
-    seconds = time.perf_counter() - t0
-    if x is None:                               # another torchrun rank: rank 0 scores and writes
+    from .evaluate import evaluate_checkpoint
+    from .models import resolve_device
+    r = evaluate_checkpoint(args.ckpt, args.n, metric_name=args.metric, seed=args.seed, ref_data=args.ref_data,
+                            inception=args.inception, search_mid_t=args.search_mid_t, search_n=args.search_n,
+                            candidates=args.candidates, weights=args.weights, batch=args.batch,
+                            device=resolve_device(args.device), progress=not args.no_progress, log=print,
+                            **_sampler_flags(args))
+    if r is None:                               # another torchrun rank: rank 0 writes
         return
-    result = {**score(x), "seconds_per_image": seconds / args.n,
-              **provenance(args.ckpt, spec, seeds, ref[-1], args.weights, features)}
-    if search:
-        result["mid_t_search"] = search
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    what = (f"FID {result['fid']:.3f}" if args.metric == "inception" else
-            f"FD {result['fd']:.3f}  KID {result['kid']:.3f}  precision {result['precision']:.3f}  "
-            f"recall {result['recall']:.3f}")
-    print(f"{what}  ({args.n} samples, {spec['name']}, NFE {spec['nfe']}; vs {result['reference']}) -> {args.out}")
+    Path(args.out).write_text(json.dumps(r.record, indent=1))
+    print(f"{r.summary} -> {args.out}")
 
 
 def cmd_presets(args) -> None:
@@ -295,17 +187,23 @@ def cmd_export(args) -> None:
     print(f"wrote {args.weights} weights -> {export_weights(args.ckpt, args.out, args.weights)}")
 
 
+def _add_sampler_choice(p: argparse.ArgumentParser, *, consistency_steps: str) -> None:
+    """The sampler flags of `sample`, `eval` and `synth`; defaults are applied by `generation.choose_sampler`,
+    which refuses a flag that the chosen sampler does not use."""
+    p.add_argument("--sampler", choices=["consistency", "heun", "dpmpp2m"],
+                   help="default: heun for a pretrain run, else consistency")
+    p.add_argument("--steps", type=int, help=consistency_steps)
+    p.add_argument("--ts", type=float, nargs="+", help="explicit consistency times instead of --steps, e.g. 80 1.5")
+    p.add_argument("--num-steps", type=int, help="Heun noise levels N (NFE = 2N-1) (default: 18)")
+    p.add_argument("--nfe", type=int, help="DPM-Solver++(2M) network evaluations, any >= 1 "
+                   "(= its Karras noise levels) (default: 35)")
+
+
 def _add_sampler_args(p: argparse.ArgumentParser, *, n: int, batch: int) -> None:
     """What `sample` and `eval` share: the checkpoint, the sampler and the seeds."""
     p.add_argument("--ckpt", required=True,
                    help="run folder, checkpoint folder, .safetensors file or diffusers UNet2DModel DDPM folder")
-    p.add_argument("--steps", type=int, help="consistency sampler steps (1, 2, ... k; default 1)")
-    p.add_argument("--ts", type=float, nargs="+", help="explicit consistency times instead of --steps, e.g. 80 1.5")
-    p.add_argument("--sampler", choices=["consistency", "heun", "dpmpp2m"],
-                   help="default: heun for a pretrain run, else consistency")
-    p.add_argument("--num-steps", type=int, default=18, help="Heun noise levels N (NFE = 2N-1)")
-    p.add_argument("--nfe", type=int, default=35, help="DPM-Solver++(2M) network evaluations, any >= 1 "
-                   "(= its Karras noise levels)")
+    _add_sampler_choice(p, consistency_steps="consistency sampler steps (1, 2, ... k; default 1)")
     p.add_argument("--n", type=int, default=n, help="number of samples")
     p.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed+i")
     p.add_argument("--weights", default="ema", help="ema | net (online weights)")
@@ -313,16 +211,6 @@ def _add_sampler_args(p: argparse.ArgumentParser, *, n: int, batch: int) -> None
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bar: a line on stderr every ~10%% "
                    "(or 30 s) instead")
-
-
-def _sampler_spec(sampler: str, args, ts) -> dict:
-    """The sampler and its settings as recorded in results: name, its parameters and NFE."""
-    from .sampling import dpmpp_nfe, heun_nfe
-    if sampler == "heun":
-        return {"name": "heun", "num_steps": args.num_steps, "nfe": heun_nfe(args.num_steps)}
-    if sampler == "dpmpp2m":
-        return {"name": "dpmpp2m", "nfe": dpmpp_nfe(args.nfe)}
-    return {"name": "consistency", "ts": list(ts), "nfe": len(ts)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,12 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, required=True, help="number of samples; sample i uses seed --seed+i")
     p.add_argument("--out", required=True, help="FILE.npz (uint8 NxCxHxW images, seeds, labels if conditional, "
                    "manifest); shards go to FILE.npz.parts/ until done; run the same command to resume")
-    p.add_argument("--sampler", choices=["heun", "dpmpp2m", "consistency"],
-                   help="default: heun for a pretrain run, consistency for a tune run")
-    p.add_argument("--num-steps", type=int, default=18, help="Heun noise levels N (NFE = 2N-1)")
-    p.add_argument("--nfe", type=int, default=35, help="DPM-Solver++(2M) network evaluations")
-    p.add_argument("--steps", type=int, default=1, help="consistency sampler steps (tuned models)")
-    p.add_argument("--ts", type=float, nargs="+", help="explicit consistency times, e.g. 80 1.5")
+    _add_sampler_choice(p, consistency_steps="consistency sampler steps (tuned models; default 1)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (the unit of resuming)")
     p.add_argument("--weights", default="ema", help="ema | net (online weights)")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .errors import EctuneError
+from .sampling import check_times
 
 _OUT_SUFFIXES = {"sample": (".png", ".npz"), "eval": (".json",)}
 
@@ -26,7 +27,8 @@ def check_args(args) -> None:
     cmd = args.cmd
     counts = {"pretrain": ("steps", "batch", "ckpt_every"), "tune": ("steps", "batch", "ckpt_every"),
               "sample": ("n", "steps", "batch", "num_steps", "nfe"),
-              "eval": ("n", "steps", "batch", "num_steps", "nfe", "search_n")}.get(cmd, ())
+              "eval": ("n", "steps", "batch", "num_steps", "nfe", "search_n"),
+              "synth": ("n", "steps", "batch", "num_steps", "nfe", "shard_size")}.get(cmd, ())
     for name in counts:
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -34,12 +36,10 @@ def check_args(args) -> None:
     if getattr(args, "kimg", None) is not None and not (math.isfinite(args.kimg) and args.kimg > 0):
         raise EctuneError(f"--kimg must be a positive number of thousands of images, got {args.kimg}")
     if cmd in ("sample", "eval", "synth") and args.ts:
-        check_times(args.ts)
-    if cmd in ("sample", "eval"):
-        if args.ts and args.steps is not None:
+        check_times(args.ts, "--ts")
+        if args.steps is not None:
             raise EctuneError("--ts and --steps both set the consistency times; pass one of them")
-        if args.steps is None:
-            args.steps = 1
+    if cmd in ("sample", "eval"):
         check_output(args.out, _OUT_SUFFIXES[cmd])
     if cmd == "eval" and args.candidates and not all(math.isfinite(t) for t in args.candidates):
         raise EctuneError(f"--candidates must be finite mid times, got {args.candidates}")
@@ -85,29 +85,6 @@ def _example(default) -> str:
     if isinstance(default, (list, tuple)):
         return "[" + ",".join(map(str, default)) + "]"
     return str(default)
-
-
-def check_times(ts, t_max: float | None = None) -> None:
-    """--ts: finite, positive, strictly decreasing and, given the model's t_max, not above it."""
-    ts = [float(t) for t in ts]
-    if not all(math.isfinite(t) and t > 0 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
-        raise EctuneError(f"--ts must be positive and strictly decreasing finite times, e.g. --ts 80 1.5; got {ts}")
-    if t_max is not None and ts[0] > t_max:
-        raise EctuneError(f"--ts {ts[0]:g} is above the model's largest time t_max={t_max:g}; "
-                          f"use times in (0, {t_max:g}]")
-
-
-def check_model_args(args, cfg: RunConfig) -> None:
-    """The checks of `sample` and `eval` that need the loaded model's config: --ts against its t_max,
-    --label against its classes."""
-    if args.ts:
-        check_times(args.ts, cfg.sample.t_max)
-    label = getattr(args, "label", None)
-    if label is not None and not cfg.net.label_dim:
-        raise EctuneError(f"--label {label}: {args.ckpt} is an unconditional model; drop --label")
-    if label is not None and not 0 <= label < cfg.net.label_dim:
-        raise EctuneError(f"--label must be in [0, {cfg.net.label_dim}) for this model "
-                          f"({cfg.net.label_dim} classes), got {label}")
 
 
 def check_output(out: str, suffixes: tuple[str, ...]) -> None:

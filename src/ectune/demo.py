@@ -95,32 +95,30 @@ def _with_steps(cfg: RunConfig, steps: int) -> RunConfig:
     return replace(cfg, steps=steps, eval=replace(cfg.eval, every_kimg=steps * cfg.batch / 4000, n=200))
 
 
-def _rows_to_run(mid_ts) -> list[dict]:
-    rows = [dict(model="teacher", weights="ema", sampler=f"heun-{n}", nfe=heun_nfe(n), heun_steps=n)
-            for n in TEACHER_HEUN_STEPS]
-    for weights in ("ema", "online"):
-        for k in (1, 2):
-            ts = default_consistency_times(k, mid_ts)
-            rows.append(dict(model="ect", weights=weights, sampler=f"consistency-{k}", nfe=k, ts=ts))
-    return rows
+def _rows_to_run(mid_ts) -> list[tuple]:
+    """(model, weights, sampler) of every row: the teacher's Heun samplers, then 1- and 2-step sampling
+    of both the averaged and the online tuned weights."""
+    from .sampling import Sampler
+    rows = [("teacher", "ema", Sampler.heun(n)) for n in TEACHER_HEUN_STEPS]
+    return rows + [("ect", weights, Sampler.consistency(default_consistency_times(k, mid_ts)))
+                   for weights in ("ema", "online") for k in (1, 2)]
 
 
 def evaluate(models: dict, seeds: list[int], mid_ts, device, ref, progress=None) -> tuple[list[dict], dict]:
     """Scores (classifier features, vs `ref` = evaluate.reference()) of every row; returns rows and samples."""
     from .evaluate import score_samples
     rows, samples = [], {}
-    for row in _rows_to_run(mid_ts):
-        D = models[(row["model"], row["weights"])]
-        sampler = "heun" if row["model"] == "teacher" else "consistency"
+    for model, weights, sampler in _rows_to_run(mid_ts):
+        row = dict(model=model, weights=weights, sampler=f"{sampler.name}-{sampler.steps}", nfe=sampler.nfe,
+                   **({"ts": sampler.ts} if sampler.name == "consistency" else {}))
         t0 = time.perf_counter()
-        x = sample_images(D, seeds, (1, 28, 28), sampler=sampler, ts=row.get("ts", (80.0,)),
-                          heun_steps=row.get("heun_steps", 18), device=device)
+        x = sample_images(models[(model, weights)], seeds, (1, 28, 28), sampler, device=device)
         row["seconds_per_image"] = (time.perf_counter() - t0) / len(seeds)
         row.update(score_samples(x, ref), num_samples=len(seeds))
-        samples[(row["model"], row["weights"], row["nfe"])] = x[:10]
+        samples[(model, weights, sampler.nfe)] = x[:10]
         if progress:
             progress(row)
-        rows.append({k: v for k, v in row.items() if k != "heun_steps"})
+        rows.append(row)
     return rows, samples
 
 

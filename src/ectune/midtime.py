@@ -4,20 +4,20 @@ ECT.md §5: the intermediate times of 2-step (k-step) sampling are an open choic
 1.526 on ImageNet-64). `search_mid_times` scans candidates on a held-out seed set — seeds that the
 evaluation never uses — and `store_mid_times` writes the best ones into a sidecar beside the
 checkpoint's weights (which stay unchanged), so `ectune sample --steps k` uses them from then on.
+`search_and_store` is both, as `ectune eval --search-mid-t` runs them.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_file
-from .checkpoint import mid_times_file, read_mid_times, resolve_weights
+from .checkpoint import read_mid_times, resolve_weights, update_mid_times
 from .errors import EctuneError
-from .sampling import sample_images
+from .progress import Progress
+from .sampling import Sampler, sample_images, seed_labels
 
 HELDOUT_SEED0 = 1_000_000           # held-out seeds start here; evaluation seeds start at 0 by default
 
@@ -47,7 +47,7 @@ def search_mid_times(D, shape, score: Callable, *, steps: int = 2, candidates: S
 
     def evaluate(mid: tuple[float, ...]) -> float:
         if mid not in cache:
-            x = sample_images(D, seeds, shape, ts=[t_max, *mid], batch=batch, device=device,
+            x = sample_images(D, seeds, shape, Sampler.consistency([t_max, *mid]), batch=batch, device=device,
                               class_labels=class_labels, progress=progress)
             cache[mid] = float(score(x))
             tried.append({"mid_ts": list(mid), "score": cache[mid]})
@@ -73,19 +73,28 @@ def stored_mid_times(ckpt, steps: int) -> list[float] | None:
 
 
 def store_mid_times(ckpt, mid_ts: Sequence[float]) -> Path:
-    """Store searched mid times for (len(mid_ts) + 1)-step sampling beside the weights, atomically.
+    """Store searched mid times for (len(mid_ts) + 1)-step sampling with the checkpoint (see
+    `checkpoint.update_mid_times`: a sidecar beside the weights, which stay byte for byte as they were).
+    Returns the sidecar."""
+    return update_mid_times(resolve_weights(ckpt), mid_ts)
 
-    They go into the sidecar (see `checkpoint.mid_times_file`), one entry per step count, so a 3-step
-    search does not erase the 2-step times; the weights file stays byte for byte as it was (its
-    sha256 is the checkpoint's identity in eval provenance). `read_weights` folds the 2-step times
-    into the config's sample.mid_ts. Returns the sidecar.
-    """
-    f = resolve_weights(ckpt)
-    by_steps = {**read_mid_times(f), str(len(mid_ts) + 1): [float(t) for t in mid_ts]}
-    side = mid_times_file(f)
-    try:
-        with atomic_file(side) as out:
-            out.write((json.dumps(dict(sorted(by_steps.items())), indent=1) + "\n").encode("utf-8"))
-    except OSError as e:
-        raise EctuneError(f"cannot write {side} ({e}); check permissions and free space") from None
-    return side
+
+def search_and_store(D, cfg, ckpt, score: Callable, *, steps: int, eval_seeds: Sequence[int], n: int = 1000,
+                     candidates: Sequence[float] | None = None, batch: int = 500, device=None, progress: bool = True,
+                     log: Callable[[str], None] | None = None) -> dict:
+    """`ectune eval --search-mid-t`: the best mid times of `steps`-step sampling of the model of `cfg`
+    on `n` held-out seeds (13 log-spaced candidates from 0.1 to 10 by default), stored with `ckpt`.
+    Returns the record's "mid_t_search" entry: the best times, the held-out seeds and every tried row."""
+    held = list(range(HELDOUT_SEED0, HELDOUT_SEED0 + n))
+    if eval_seeds[-1] >= HELDOUT_SEED0:
+        raise EctuneError(f"evaluation seeds must stay below {HELDOUT_SEED0}, where the held-out search seeds start")
+    cands = candidates or candidate_grid(0.1, 10.0, 13)
+    shape = (cfg.net.in_channels, cfg.net.img_resolution, cfg.net.img_resolution)
+    with Progress(len(cands) * len(held) * (steps - 1), "mid-time search", bar=progress) as bar:
+        best, tried = search_mid_times(D, shape, score, steps=steps, candidates=cands, seeds=held,
+                                       t_max=cfg.sample.t_max, batch=batch, device=device,
+                                       class_labels=seed_labels(held, cfg.net.label_dim), progress=bar)
+    stored = store_mid_times(ckpt, best)
+    if log is not None:
+        log(f"best mid times {[round(t, 4) for t in best]} on {len(held)} held-out seeds; stored in {stored}")
+    return {"mid_ts": best, "heldout_seeds": [held[0], held[-1] + 1], "tried": tried}

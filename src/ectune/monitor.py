@@ -24,7 +24,7 @@ import torch
 from .config import RunConfig
 from .errors import EctuneError
 from .progress import Progress
-from .sampling import default_consistency_times, heun_nfe, sample_images
+from .sampling import Sampler, default_consistency_times, sample_images, seed_labels
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -59,16 +59,13 @@ def check_eval(cfg: RunConfig) -> None:
                           "(or --set engine.tensorboard=auto)")
 
 
-def _samplers(cfg: RunConfig) -> list[tuple[str, dict, int]]:
-    """(name, sample_images kwargs, NFE) of the in-loop rows."""
+def run_samplers(cfg: RunConfig) -> list[Sampler]:
+    """The samplers that show how a run is doing (in-loop rows, sample grids): Heun at sample.heun_steps
+    for pretraining; 1 and 2 consistency steps at the config's mid time for tuning."""
     if cfg.kind == "pretrain":
-        n = cfg.sample.heun_steps
-        return [(f"heun-{n}", {"sampler": "heun", "heun_steps": n}, heun_nfe(n))]
-    rows = []
-    for steps in (1, 2):
-        ts = default_consistency_times(steps, cfg.sample.mid_ts, cfg.sample.t_max)
-        rows.append((f"consistency-{steps}", {"ts": ts}, steps))
-    return rows
+        return [Sampler.heun(cfg.sample.heun_steps)]
+    return [Sampler.consistency(default_consistency_times(steps, cfg.sample.mid_ts, cfg.sample.t_max))
+            for steps in (1, 2)]
 
 
 class Monitor:
@@ -80,23 +77,20 @@ class Monitor:
         self.tb = _tensorboard_writer(cfg, self.run_dir)
 
     def reference(self):
+        """The run's metric and its reference (the run's data, its test split), made once."""
         if self._ref is None:
-            from .data import load_dataset
-            from .evaluate import classifier_reference, classifier_reference_spec, inception_reference
-            if self.cfg.eval.metric == "classifier":
-                spec, _ = classifier_reference_spec(self.cfg.data, None, self.run_dir)
-                self._ref = classifier_reference(spec)[0]
-            else:
-                self._ref = inception_reference(load_dataset(self.cfg.data, split="test"), device=self.device)
+            from .evaluate import metric
+            scorer = metric(self.cfg.eval.metric, device=self.device)
+            self._ref = scorer, scorer.reference(self.cfg, self.run_dir)
         return self._ref
 
     def evaluate(self, s, started: float) -> list[dict]:
         """Score the run's weights at this step; rows appended to metrics.jsonl (and TensorBoard)."""
         cfg, seeds = self.cfg, list(range(self.cfg.eval.n))
         shape = (cfg.net.in_channels, cfg.net.img_resolution, cfg.net.img_resolution)
-        labels = torch.tensor(seeds) % cfg.net.label_dim if cfg.net.label_dim else None
+        labels = seed_labels(seeds, cfg.net.label_dim)
         models = [("ema", s.ema.module)] + ([("net", s.D)] if cfg.eval.weights == "both" else [])
-        samplers = _samplers(cfg)
+        samplers = run_samplers(cfg)
         rows = []
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
                 Progress(len(models) * len(samplers) * len(seeds), f"in-loop eval at step {s.step}",
@@ -104,9 +98,10 @@ class Monitor:
             for weights, D in models:
                 was_training = D.training
                 D.eval()
-                for name, kw, nfe in samplers:
-                    x = sample_images(D, seeds, shape, class_labels=labels, device=self.device, progress=bar, **kw)
-                    rows.append(self._row(s, started, weights, name, nfe, self._score(x)))
+                for sampler in samplers:
+                    x = sample_images(D, seeds, shape, sampler, class_labels=labels, device=self.device, progress=bar)
+                    rows.append(self._row(s, started, weights, f"{sampler.name}-{sampler.steps}", sampler.nfe,
+                                          self._score(x)))
                 D.train(was_training)
         with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -115,10 +110,8 @@ class Monitor:
         return rows
 
     def _score(self, x) -> float:
-        from .evaluate import fd_only, score_inception
-        if self.cfg.eval.metric == "classifier":
-            return fd_only(x, self.reference())
-        return score_inception(x, self.reference(), device=self.device)["fid"]
+        scorer, ref = self.reference()
+        return scorer.distance(x, ref)
 
     def _row(self, s, started, weights, sampler, nfe, fd) -> dict:
         return {"step": s.step, "kimg": s.step * self.cfg.batch / 1000, "wall_s": round(time.time() - started, 3),

@@ -1,16 +1,22 @@
-"""Samplers. Each is a pure function `sampler(D, noise, ...)` that calls only a denoiser D(x, σ).
+"""Samplers over an explicit noise-level grid, and `Sampler`, the frozen description of one.
 
-`noise` is unit Gaussian (B, C, H, W); the samplers scale it by the first noise level themselves.
-Step arithmetic runs in float64 (ECT.md §5); the returned samples are float32.
+Each sampler is a pure function `sample_x(D, x, sigmas, ...)` (k-diffusion's signature) that calls only
+a denoiser D(x, σ): `sigmas` is the grid σ_0 > σ_1 > … > σ_N = 0 and `x` the starting point, unit
+noise already scaled by σ_0 (B, C, H, W) float64. Step arithmetic runs in float64 (ECT.md §5); the
+returned samples are float32. `heun_sampler`, `dpmpp2m_sampler` and `consistency_sampler` are the same
+samplers on their usual grids, taking unit noise.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
+from .errors import EctuneError
 from .schedules import karras_sigmas
 
 Denoiser = Callable[..., torch.Tensor]
@@ -22,16 +28,24 @@ def _denoise(D: Denoiser, x: torch.Tensor, sigma: float, class_labels) -> torch.
     return out.to(torch.float64)
 
 
+def check_times(ts: Sequence[float], what: str = "consistency times") -> list[float]:
+    """`ts` as floats; refused (EctuneError) unless there is one or more, finite, positive and strictly
+    decreasing. `what` names them in the message (e.g. "--ts")."""
+    ts = [float(t) for t in ts]
+    if not ts or not all(math.isfinite(t) and t > 0 for t in ts) or any(a <= b for a, b in pairwise(ts)):
+        raise EctuneError(f"{what} must be positive and strictly decreasing finite times (e.g. 80 1.5), got {ts}")
+    return ts
+
+
+# --- the samplers, on an explicit grid
 @torch.no_grad()
-def heun_sampler(D: Denoiser, noise: torch.Tensor, *, num_steps: int = 18, sigma_min: float = 0.002,
-                 sigma_max: float = 80.0, rho: float = 7.0, class_labels=None) -> torch.Tensor:
+def sample_heun(D: Denoiser, x: torch.Tensor, sigmas: Sequence[float], *, class_labels=None) -> torch.Tensor:
     """EDM's deterministic sampler (Karras et al. 2022, Algorithm 1): Heun's method on the PF-ODE.
 
-    Uses the Karras grid σ_0 > … > σ_{N−1}, σ_N = 0; NFE = 2N − 1 (N = 18 → 35).
+    One Euler step per interval, corrected wherever σ_{i+1} > 0: NFE = 2N − 1 on a grid ending in 0.
     """
-    sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho).tolist()
-    x = noise.to(torch.float64) * sigmas[0]
-    for s_cur, s_next in zip(sigmas[:-1], sigmas[1:]):
+    sigmas = [float(s) for s in sigmas]
+    for s_cur, s_next in pairwise(sigmas):
         d_cur = (x - _denoise(D, x, s_cur, class_labels)) / s_cur          # dx/dσ at σ_i
         x_next = x + (s_next - s_cur) * d_cur                               # Euler step
         if s_next > 0:                                                      # Heun correction
@@ -41,14 +55,8 @@ def heun_sampler(D: Denoiser, noise: torch.Tensor, *, num_steps: int = 18, sigma
     return x.to(torch.float32)
 
 
-def heun_nfe(num_steps: int) -> int:
-    """Network evaluations of `heun_sampler` with `num_steps` noise levels: 2N − 1."""
-    return 2 * num_steps - 1
-
-
 @torch.no_grad()
-def dpmpp2m_sampler(D: Denoiser, noise: torch.Tensor, *, num_steps: int = 35, sigma_min: float = 0.002,
-                    sigma_max: float = 80.0, rho: float = 7.0, class_labels=None) -> torch.Tensor:
+def sample_dpmpp_2m(D: Denoiser, x: torch.Tensor, sigmas: Sequence[float], *, class_labels=None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): multistep second order in data prediction.
 
     On EDM's PF-ODE x_σ = x0 + σε, so α = 1, λ = −log σ and h_i = λ_{i+1} − λ_i = log(σ_i / σ_{i+1}).
@@ -58,15 +66,10 @@ def dpmpp2m_sampler(D: Denoiser, noise: torch.Tensor, *, num_steps: int = 35, si
 
     where D̂_0 = D_0 (first order, the DDIM step) and, later, with r_i = h_{i−1} / h_i,
     D̂_i = (1 + 1/(2 r_i))·D_i − 1/(2 r_i)·D_{i−1}. The last step, to σ = 0, has h = ∞ and
-    e^{−h} = 0: it returns the data prediction D(x, σ_{N−1}) itself.
-
-    Grid: the Karras grid with N = `num_steps` positive levels σ_0 = σmax > … > σ_{N−1} = σmin,
-    then σ_N = 0; one D call per positive level, so NFE = N (any N ≥ 1; N = 1 is D(σmax·z, σmax)).
+    e^{−h} = 0: it returns the data prediction D(x, σ_{N−1}) itself. One D call per positive level.
     """
-    sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho).tolist()
-    x = noise.to(torch.float64) * sigmas[0]
     d_prev, h_prev = None, None
-    for s_cur, s_next in zip(sigmas[:-1], sigmas[1:]):
+    for s_cur, s_next in pairwise(float(s) for s in sigmas):
         d = _denoise(D, x, s_cur, class_labels)                            # D_i
         if s_next == 0:                                                     # h = ∞: x = D_i
             x = d
@@ -81,43 +84,170 @@ def dpmpp2m_sampler(D: Denoiser, noise: torch.Tensor, *, num_steps: int = 35, si
     return x.to(torch.float32)
 
 
+@torch.no_grad()
+def sample_consistency(D: Denoiser, x: torch.Tensor, sigmas: Sequence[float], *,
+                       step_noise: Sequence[torch.Tensor] | None = None, generator: torch.Generator | None = None,
+                       class_labels=None) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1) on times t_0 > … > t_{k−1},
+    sigmas = [t_0, …, t_{k−1}, 0].
+
+    For each i: x ← D(x, t_i), then, if another time follows, x ← x + t_{i+1}·ε_i, with ε_i from
+    `step_noise[i]` if given, else drawn like x from `generator`. 1 step is D(80·z, 80).
+    """
+    for i, (t, t_next) in enumerate(pairwise(float(s) for s in sigmas)):
+        x = _denoise(D, x, t, class_labels)
+        if t_next > 0:
+            eps = step_noise[i] if step_noise is not None else torch.randn(
+                x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + t_next * eps.to(torch.float64)
+    return x.to(torch.float32)
+
+
+_SAMPLERS = {"consistency": sample_consistency, "heun": sample_heun, "dpmpp2m": sample_dpmpp_2m}
+
+
+# --- the samplers on their usual grids, from unit noise
+def heun_sampler(D: Denoiser, noise: torch.Tensor, *, num_steps: int = 18, sigma_min: float = 0.002,
+                 sigma_max: float = 80.0, rho: float = 7.0, class_labels=None) -> torch.Tensor:
+    """`sample_heun` on the Karras grid of `num_steps` levels (then 0) from unit noise: NFE 2N − 1 (18 → 35)."""
+    sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho).tolist()
+    return sample_heun(D, noise.to(torch.float64) * sigmas[0], sigmas, class_labels=class_labels)
+
+
+def heun_nfe(num_steps: int) -> int:
+    """Network evaluations of Heun with `num_steps` positive noise levels: 2N − 1."""
+    return 2 * num_steps - 1
+
+
+def dpmpp2m_sampler(D: Denoiser, noise: torch.Tensor, *, num_steps: int = 35, sigma_min: float = 0.002,
+                    sigma_max: float = 80.0, rho: float = 7.0, class_labels=None) -> torch.Tensor:
+    """`sample_dpmpp_2m` on the Karras grid of `num_steps` levels (then 0) from unit noise: NFE = N
+    (any N ≥ 1; N = 1 is D(σmax·z, σmax))."""
+    sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho).tolist()
+    return sample_dpmpp_2m(D, noise.to(torch.float64) * sigmas[0], sigmas, class_labels=class_labels)
+
+
 def dpmpp_nfe(num_steps: int) -> int:
-    """Network evaluations of `dpmpp2m_sampler` with `num_steps` positive noise levels: N."""
+    """Network evaluations of DPM-Solver++(2M) with `num_steps` positive noise levels: N."""
     return num_steps
 
 
-@torch.no_grad()
 def consistency_sampler(D: Denoiser, noise: torch.Tensor, ts: Sequence[float] = (80.0,), *,
                         generator: torch.Generator | None = None, class_labels=None,
                         step_noise: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-    """Multistep consistency sampling (Song et al. 2023, Algorithm 1) with times t_0 > t_1 > …
-
-    x = t_0·z; for each i: x ← D(x, t_i), then, if another time follows, x ← x + t_{i+1}·ε_new.
-    1 step is D(80·z, 80). Fresh noise comes from `step_noise[i]` if given, else from `generator`.
-    """
-    ts = [float(t) for t in ts]
-    if not ts or any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] <= 0:
-        raise ValueError(f"consistency times must be positive and strictly decreasing, got {ts}")
-    x = noise.to(torch.float64) * ts[0]
-    for i, t in enumerate(ts):
-        x = _denoise(D, x, t, class_labels)
-        if i + 1 < len(ts):
-            eps = step_noise[i] if step_noise is not None else torch.randn(
-                noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
-            x = x + ts[i + 1] * eps.to(torch.float64)
-    return x.to(torch.float32)
+    """`sample_consistency` at times `ts` from unit noise; fresh noise like `noise` from `generator`
+    unless `step_noise` is given."""
+    ts = check_times(ts)
+    if step_noise is None:
+        step_noise = [torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
+                      for _ in ts[1:]]
+    return sample_consistency(D, noise.to(torch.float64) * ts[0], [*ts, 0.0], step_noise=step_noise,
+                              class_labels=class_labels)
 
 
 def default_consistency_times(steps: int, mid_ts: Sequence[float] = (), t_max: float = 80.0) -> list[float]:
     """Times for a k-step consistency sampler: [t_max, *mid_ts] when k − 1 mid times are given,
     else the first k levels of the Karras grid with k + 1 levels (a reasonable guess; search it)."""
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise EctuneError(f"steps (--steps) must be >= 1, got {steps}")
     if len(mid_ts) == steps - 1:
         return [t_max, *map(float, mid_ts)]
     return karras_sigmas(steps + 1, sigma_max=t_max, append_zero=False).tolist()[:steps]
 
 
+# --- the description of a sampler
+def check_name(name: str) -> str:
+    """`name` if it names a sampler; refused otherwise."""
+    if name not in _SAMPLERS:
+        raise EctuneError(f"unknown sampler {name!r}; use 'consistency', 'heun' or 'dpmpp2m' (--sampler)")
+    return name
+
+
+def _at_least_one(name: str, flag: str, value: int) -> None:
+    if value < 1:
+        raise EctuneError(f"{name} ({flag}) must be >= 1, got {value}")
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler and its grid σ_0 > … > σ_N = 0: what `sample_images` runs and what results record.
+
+        Sampler.heun(18)                 # Karras grid, 18 levels: NFE 35
+        Sampler.dpmpp2m(35)              # Karras grid, 35 levels: NFE 35
+        Sampler.consistency([80, 1.5])   # 2 steps: NFE 2
+    """
+    name: str                       # "consistency", "heun" or "dpmpp2m"
+    sigmas: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        levels = check_times(self.sigmas[:-1], f"the noise levels of {self.name}")
+        if self.sigmas[-1] != 0:
+            raise EctuneError(f"the grid of {self.name} must end in 0, got {list(self.sigmas)}")
+        object.__setattr__(self, "sigmas", (*levels, 0.0))
+
+    @classmethod
+    def heun(cls, num_steps: int = 18) -> Sampler:
+        """Heun on the Karras grid of `num_steps` levels."""
+        _at_least_one("num_steps", "--num-steps", num_steps)
+        return cls("heun", tuple(karras_sigmas(num_steps).tolist()))
+
+    @classmethod
+    def dpmpp2m(cls, nfe: int = 35) -> Sampler:
+        """DPM-Solver++(2M) on the Karras grid of `nfe` levels (one network call each)."""
+        _at_least_one("dpm_nfe", "--nfe", nfe)
+        return cls("dpmpp2m", tuple(karras_sigmas(nfe).tolist()))
+
+    @classmethod
+    def consistency(cls, ts: Sequence[float] = (80.0,)) -> Sampler:
+        """Consistency sampling at times `ts` (t_0 > … > t_{k−1} > 0)."""
+        return cls("consistency", (*check_times(ts), 0.0))
+
+    @property
+    def steps(self) -> int:
+        """Positive noise levels N (Heun, DPM-Solver) or consistency steps k."""
+        return len(self.sigmas) - 1
+
+    @property
+    def ts(self) -> list[float]:
+        """The positive levels: a consistency sampler's times."""
+        return list(self.sigmas[:-1])
+
+    @property
+    def noises(self) -> int:
+        """Unit-noise tensors per sample: the start, and the fresh noise of each later consistency step."""
+        return self.steps if self.name == "consistency" else 1
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per sample."""
+        return heun_nfe(self.steps) if self.name == "heun" else self.steps
+
+    @property
+    def spec(self) -> dict:
+        """The sampler as results record it: its name, its parameter (Heun's levels, consistency times) and NFE."""
+        if self.name == "heun":
+            return {"name": "heun", "num_steps": self.steps, "nfe": self.nfe}
+        if self.name == "dpmpp2m":
+            return {"name": "dpmpp2m", "nfe": self.nfe}
+        return {"name": "consistency", "ts": self.ts, "nfe": self.nfe}
+
+    @property
+    def label(self) -> str:
+        """A short description for messages, e.g. "heun 18 steps"."""
+        return {"heun": f"heun {self.steps} steps", "dpmpp2m": f"dpmpp2m NFE {self.nfe}"}.get(
+            self.name, f"consistency ts={[round(t, 4) for t in self.ts]}")
+
+    def __call__(self, D: Denoiser, noise: torch.Tensor, step_noise: Sequence[torch.Tensor] = (),
+                 class_labels=None) -> torch.Tensor:
+        """Samples (B, C, H, W) float32 from unit noise (and a consistency sampler's k − 1 fresh noises)."""
+        x = noise.to(torch.float64) * self.sigmas[0]
+        if self.name == "consistency":
+            return sample_consistency(D, x, self.sigmas, step_noise=step_noise, class_labels=class_labels)
+        return _SAMPLERS[self.name](D, x, self.sigmas, class_labels=class_labels)
+
+
+# --- samples for seeds
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int], count: int = 1, device=None) -> list[torch.Tensor]:
     """`count` unit-Gaussian tensors (len(seeds), *shape), each row drawn from its own seed.
 
@@ -132,44 +262,28 @@ def seeded_noise(seeds: Sequence[int], shape: Sequence[int], count: int = 1, dev
     return [t.to(device) for t in out]
 
 
-def sample_images(D: Denoiser, seeds: Sequence[int], shape: Sequence[int], *, sampler: str = "consistency",
-                  ts: Sequence[float] = (80.0,), heun_steps: int = 18, dpm_nfe: int = 35, class_labels=None,
-                  batch: int = 256, device=None, progress=None) -> torch.Tensor:
-    """Samples for `seeds` with the named sampler, (N, C, H, W): "consistency" with times `ts`,
-    "heun" with `heun_steps` noise levels, or "dpmpp2m" with `dpm_nfe` network evaluations.
+def seed_labels(seeds: Sequence[int], label_dim: int) -> torch.Tensor | None:
+    """Class labels of a conditional model's samples: seed % classes (N,); None for an unconditional one."""
+    return torch.tensor(list(seeds)) % label_dim if label_dim else None
+
+
+def sample_images(D: Denoiser, seeds: Sequence[int], shape: Sequence[int], sampler: Sampler, *,
+                  class_labels=None, batch: int = 256, device=None, progress=None) -> torch.Tensor:
+    """Samples (N, C, H, W) for `seeds` with `sampler`, `batch` at a time.
 
     `progress` (e.g. a `progress.Progress` over len(seeds) samples) is advanced after every network
     call by the fraction of a sample that call stands for, so a bar moves within a batch too."""
-    nfe = _check_sampling(seeds, sampler, ts, heun_steps, dpm_nfe, batch)
+    _at_least_one("batch", "--batch", batch)
+    if len(seeds) == 0:
+        raise EctuneError("no seeds to sample; ask for at least one sample (--n 1 or more)")
     if progress is not None:
-        D = _counted(D, progress, nfe)
+        D = _counted(D, progress, sampler.nfe)
     chunks = []
     for i in range(0, len(seeds), batch):
-        part = list(seeds[i:i + batch])
         labels = None if class_labels is None else class_labels[i:i + batch].to(device)
-        if sampler == "heun":
-            (z,) = seeded_noise(part, shape, 1, device)
-            chunks.append(heun_sampler(D, z, num_steps=heun_steps, class_labels=labels).cpu())
-        elif sampler == "dpmpp2m":
-            (z,) = seeded_noise(part, shape, 1, device)
-            chunks.append(dpmpp2m_sampler(D, z, num_steps=dpm_nfe, class_labels=labels).cpu())
-        else:
-            z, *eps = seeded_noise(part, shape, len(ts), device)
-            chunks.append(consistency_sampler(D, z, ts, step_noise=eps, class_labels=labels).cpu())
+        z, *eps = seeded_noise(list(seeds[i:i + batch]), shape, sampler.noises, device)
+        chunks.append(sampler(D, z, eps, class_labels=labels).cpu())
     return torch.cat(chunks)
-
-
-def _check_sampling(seeds, sampler: str, ts, heun_steps: int, dpm_nfe: int, batch: int) -> int:
-    """Refuse settings no sampler can run (naming the CLI flag too); return the NFE per sample."""
-    if sampler not in ("consistency", "heun", "dpmpp2m"):
-        raise ValueError(f"unknown sampler {sampler!r}; use 'consistency', 'heun' or 'dpmpp2m' (--sampler)")
-    for name, flag, value in (("batch", "--batch", batch), ("heun_steps", "--num-steps", heun_steps),
-                              ("dpm_nfe", "--nfe", dpm_nfe)):
-        if value < 1:
-            raise ValueError(f"{name} ({flag}) must be >= 1, got {value}")
-    if len(seeds) == 0:
-        raise ValueError("no seeds to sample; ask for at least one sample (--n 1 or more)")
-    return {"heun": heun_nfe(heun_steps), "dpmpp2m": dpmpp_nfe(dpm_nfe)}.get(sampler, len(ts))
 
 
 def _counted(D: Denoiser, progress, nfe: int) -> Denoiser:

@@ -23,7 +23,6 @@ import json
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +32,12 @@ from . import __version__
 from .atomic import atomic_file
 from .checkpoint import resolve_weights
 from .errors import EctuneError
+from .generation import choose_sampler, image_shape
+from .hashing import file_sha256
 from .images import to_uint8
 from .models import load_denoiser
 from .progress import Progress
-from .sampling import default_consistency_times, sample_images
+from .sampling import Sampler, sample_images, seed_labels
 
 FORMAT = "ectune-synth-1"
 _INFO_KEYS = ("teacher",)          # manifest entries that may differ on resume (the path, not the weights)
@@ -47,40 +48,34 @@ class SynthResult:
     """What one `synthesize` call did."""
     out: Path
     manifest: dict
+    sampler: Sampler
     generated: int = 0                                  # samples made by this call
     reused: int = 0                                     # finished shards found from an earlier call
     repaired: list[str] = field(default_factory=list)   # corrupt shards that were made again
     was_complete: bool = False                          # `out` was already finished with these settings
 
 
-def synthesize(teacher, out, *, n: int, sampler: str | None = None, num_steps: int = 18, nfe: int = 35,
-               steps: int = 1, ts: Sequence[float] | None = None, seed: int = 0, shard_size: int = 1000,
-               batch: int = 256, weights: str = "ema", device="cpu", progress: bool = True) -> SynthResult:
+def synthesize(teacher, out, *, n: int, seed: int = 0, shard_size: int = 1000, batch: int = 256,
+               weights: str = "ema", device="cpu", progress: bool = True, **flags) -> SynthResult:
     """Sample `n` images from `teacher` into the .npz `out`, resuming an interrupted call (see module doc).
 
-    sampler: "heun" (`num_steps` noise levels, NFE 2N − 1), "dpmpp2m" (DPM-Solver++(2M), `nfe` network
-    evaluations) or "consistency" (times `ts`, else the run's default times for `steps` steps); None picks
-    heun for a pretrain run, consistency for a tune run.
+    `flags` choose the sampler as for `ectune sample` (`generation.choose_sampler`): by default heun for
+    a pretrain run, consistency (`steps` steps, or times `ts`) for a tune run. A flag the sampler does not
+    use is ignored, as synth always did (a resumed command repeats every flag of the first one).
     """
     out = Path(out)
-    _check_args(out, n, shard_size, batch, num_steps, steps, nfe)
+    _check_args(out, n, shard_size, batch)
     weights_file = resolve_weights(teacher)
     D, cfg = load_denoiser(weights_file, which=weights, device=device)
-    sampler = sampler or ("heun" if cfg.kind == "pretrain" else "consistency")
-    if sampler == "consistency":
-        ts = [float(t) for t in ts] if ts else default_consistency_times(steps, cfg.sample.mid_ts, cfg.sample.t_max)
-        if any(a <= b for a, b in pairwise(ts)) or ts[-1] <= 0:
-            raise EctuneError(f"--ts must be positive and strictly decreasing, got {ts}")
-    elif sampler not in ("heun", "dpmpp2m"):
-        raise EctuneError(f"unknown sampler {sampler!r}; use heun, dpmpp2m or consistency")
-    shape = (cfg.net.in_channels, cfg.net.img_resolution, cfg.net.img_resolution)
+    sampler = choose_sampler(cfg, teacher, **flags, check_unused=False)   # see the docstring
     manifest = _normalised({
         "format": FORMAT, "ectune_version": __version__, "teacher": str(teacher),
-        "teacher_sha256": sha256_file(weights_file), "weights": weights, "sampler": sampler,
-        "num_steps": num_steps if sampler == "heun" else None, "nfe": nfe if sampler == "dpmpp2m" else None,
-        "ts": ts if sampler == "consistency" else None,
-        "seed": seed, "n": n, "shard_size": shard_size, "shape": shape, "label_dim": cfg.net.label_dim})
-    result = SynthResult(out, manifest)
+        "teacher_sha256": file_sha256(weights_file), "weights": weights, "sampler": sampler.name,
+        "num_steps": sampler.steps if sampler.name == "heun" else None,
+        "nfe": sampler.nfe if sampler.name == "dpmpp2m" else None,
+        "ts": sampler.ts if sampler.name == "consistency" else None,
+        "seed": seed, "n": n, "shard_size": shard_size, "shape": image_shape(cfg), "label_dim": cfg.net.label_dim})
+    result = SynthResult(out, manifest, sampler)
     if _already_done(out, manifest):
         shutil.rmtree(parts_dir(out), ignore_errors=True)   # left over if a run stopped right after merging
         result.was_complete = True
@@ -94,7 +89,7 @@ def synthesize(teacher, out, *, n: int, sampler: str | None = None, num_steps: i
         else:
             result.repaired += [path.name] if path.exists() else []
             todo.append(i)
-    _generate(D, parts, manifest, todo, batch, device, progress, result)
+    _generate(D, sampler, parts, manifest, todo, batch, device, progress, result)
     _merge(out, parts, manifest)
     return result
 
@@ -104,20 +99,11 @@ def parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _check_args(out: Path, n: int, shard_size: int, batch: int, num_steps: int, steps: int, nfe: int) -> None:
+def _check_args(out: Path, n: int, shard_size: int, batch: int) -> None:
     if out.suffix.lower() != ".npz":
         raise EctuneError(f"--out must be an .npz file, got {out}")
-    if min(n, shard_size, batch, num_steps, steps, nfe) < 1:
-        raise EctuneError(f"--n, --shard-size, --batch, --num-steps, --steps and --nfe must be positive, got "
-                          f"{n}, {shard_size}, {batch}, {num_steps}, {steps}, {nfe}")
+    if min(n, shard_size, batch) < 1:
+        raise EctuneError(f"--n, --shard-size and --batch must be positive, got {n}, {shard_size}, {batch}")
 
 
 def _normalised(manifest: dict) -> dict:
@@ -181,8 +167,13 @@ def _expected(manifest: dict, i: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Seeds (K,) and labels (K,) or None of shard i."""
     lo, hi = _shard_ranges(manifest["n"], manifest["shard_size"])[i]
     seeds = np.arange(manifest["seed"] + lo, manifest["seed"] + hi, dtype=np.int64)
-    classes = manifest["label_dim"]
-    return seeds, (seeds % classes if classes else None)
+    return seeds, _seed_labels(seeds, manifest["label_dim"])
+
+
+def _seed_labels(seeds: np.ndarray, classes: int) -> np.ndarray | None:
+    """`sampling.seed_labels` as a numpy array (what the shards hold)."""
+    labels = seed_labels(seeds.tolist(), classes)
+    return None if labels is None else labels.numpy()
 
 
 def _digest(images: np.ndarray, seeds: np.ndarray, labels: np.ndarray | None) -> str:
@@ -210,14 +201,11 @@ def _load_shard(path: Path, manifest: dict, i: int) -> np.ndarray | None:
     return images if ok else None
 
 
-def _generate(D, parts: Path, manifest: dict, todo: list[int], batch: int, device, progress: bool,
-              result: SynthResult) -> None:
+def _generate(D, sampler: Sampler, parts: Path, manifest: dict, todo: list[int], batch: int, device,
+              progress: bool, result: SynthResult) -> None:
     """Sample the shards `todo` in order, each written atomically when complete."""
     n_shards = len(_shard_ranges(manifest["n"], manifest["shard_size"]))
     done = manifest["n"] - sum(len(_expected(manifest, i)[0]) for i in todo)
-    spec = {"heun": {"sampler": "heun", "heun_steps": manifest["num_steps"]},
-            "dpmpp2m": {"sampler": "dpmpp2m", "dpm_nfe": manifest["nfe"]},
-            "consistency": {"ts": manifest["ts"]}}[manifest["sampler"]]
     bar = Progress(manifest["n"], "synth", bar=progress, initial=done)      # --no-progress: a line every ~10%
     written = 0
     try:
@@ -226,8 +214,8 @@ def _generate(D, parts: Path, manifest: dict, todo: list[int], batch: int, devic
             chunks = []
             for lo in range(0, len(seeds), batch):
                 lab = None if labels is None else torch.from_numpy(labels[lo:lo + batch])
-                x = sample_images(D, seeds[lo:lo + batch].tolist(), manifest["shape"], class_labels=lab,
-                                  batch=batch, device=device, **spec)
+                x = sample_images(D, seeds[lo:lo + batch].tolist(), manifest["shape"], sampler, class_labels=lab,
+                                  batch=batch, device=device)
                 chunks.append(to_uint8(x))
                 bar.update(len(chunks[-1]))
             images = np.concatenate(chunks)
@@ -256,7 +244,7 @@ def _merge(out: Path, parts: Path, manifest: dict) -> None:
         if shard is None:
             raise EctuneError(f"{_shard_path(parts, i)} changed while merging; run the same command again")
         images[lo:hi] = shard
-    labels = seeds % manifest["label_dim"] if manifest["label_dim"] else None
+    labels = _seed_labels(seeds, manifest["label_dim"])
     text = np.array(json.dumps(manifest))
     _write_npz(out, images=images, seeds=seeds, **_labels(labels), manifest=text)
     shutil.rmtree(parts)

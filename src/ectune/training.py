@@ -87,18 +87,15 @@ def write_grid(run_dir: Path, cfg: RunConfig, s: TrainState, shape) -> list[Path
 
 
 def _write_grid(run_dir: Path, cfg: RunConfig, s: TrainState, shape) -> list[Path]:
+    from .monitor import run_samplers
+    from .sampling import seed_labels
     seeds = list(range(cfg.sample.grid))
-    D, dev = s.ema.module, s.gen.device
-    labels = torch.tensor(seeds) % cfg.net.label_dim if cfg.net.label_dim else None
-    if cfg.kind == "pretrain":
-        x = sample_images(D, seeds, shape, sampler="heun", heun_steps=cfg.sample.heun_steps,
-                          class_labels=labels, device=dev)
-        return [save_samples(x, run_dir / "samples" / f"heun{cfg.sample.heun_steps}-{s.step:08d}.png")]
+    labels = seed_labels(seeds, cfg.net.label_dim)
     paths = []
-    for steps in (1, 2):
-        ts = default_consistency_times(steps, cfg.sample.mid_ts, cfg.sample.t_max)
-        x = sample_images(D, seeds, shape, ts=ts, class_labels=labels, device=dev)
-        paths.append(save_samples(x, run_dir / "samples" / f"{steps}step-{s.step:08d}.png"))
+    for sampler in run_samplers(cfg):
+        x = sample_images(s.ema.module, seeds, shape, sampler, class_labels=labels, device=s.gen.device)
+        name = f"heun{sampler.steps}" if sampler.name == "heun" else f"{sampler.steps}step"
+        paths.append(save_samples(x, run_dir / "samples" / f"{name}-{s.step:08d}.png"))
     return paths
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "frechet_distance": "frechet",
+    "fd_to_stats": "frechet",
     "kid": "frechet",
     "precision_recall": "frechet",
     "FeatureStats": "frechet",
@@ -37,7 +38,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from ectune.metrics.classifier import FMNISTClassifier, classifier_hash, load_classifier, train_classifier
-    from ectune.metrics.frechet import FeatureStats, frechet_distance, kid, precision_recall
+    from ectune.metrics.frechet import FeatureStats, fd_to_stats, frechet_distance, kid, precision_recall
     from ectune.metrics.inception import fid, fid_from_features, inception_features, inception_reference_stats
     from ectune.metrics.reference import (
         classifier_features, fd_against_reference, images_stats, real_vs_real_floor, reference_stats,

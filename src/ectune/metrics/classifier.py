@@ -26,6 +26,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ectune.errors import EctuneError
+from ectune.hashing import file_sha256
+from ectune.images import from_uint8
 
 ARCHITECTURE = "fmnist-cnn-v1"
 FEATURES_VERSION = f"{ARCHITECTURE}/fc-pre-relu"  # change whenever `features` changes: keys cached stats
@@ -64,7 +66,7 @@ class FMNISTClassifier(nn.Module):
         if x.ndim != 4 or tuple(x.shape[1:]) != (1, 28, 28) or not x.is_floating_point():
             raise EctuneError(
                 f"the Fashion-MNIST classifier takes float (B, 1, 28, 28) images in [-1, 1], got "
-                f"{x.dtype} {tuple(x.shape)}; convert uint8 images with x / 127.5 - 1"
+                f"{x.dtype} {tuple(x.shape)}; convert uint8 images with ectune.images.from_uint8"
             )
         h = self.blocks(x)  # (B, 128, 3, 3)
         return self.fc(h.flatten(1))  # (B, 128)
@@ -87,18 +89,13 @@ def _augment(x: torch.Tensor, gen: torch.Generator, shift: int = 2) -> torch.Ten
     return padded[torch.arange(b)[:, None, None], 0, rows, cols][:, None]  # (B, 1, H, W)
 
 
-def _to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 1, 28, 28) → float32 in [-1, 1]."""
-    return images.to(torch.float32) / 127.5 - 1.0
-
-
 @torch.no_grad()
 def accuracy(model: FMNISTClassifier, images: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> float:
     """Top-1 accuracy of `model` (eval mode) on uint8 images (N, 1, 28, 28) with labels (N,)."""
     model.eval()
     correct = 0
     for i in range(0, len(images), batch):
-        logits = model(_to_float(images[i : i + batch]))
+        logits = model(from_uint8(images[i : i + batch]))
         correct += int((logits.argmax(1) == labels[i : i + batch]).sum())
     return correct / len(images)
 
@@ -110,7 +107,7 @@ def _train_epoch(model, opt, sched, images, labels, gen, batch: int) -> float:
     total = 0.0
     for i in range(0, len(order), batch):
         idx = order[i : i + batch]
-        x = _augment(_to_float(images[idx]), gen)
+        x = _augment(from_uint8(images[idx]), gen)
         loss = F.cross_entropy(model(x), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -180,7 +177,7 @@ def classifier_hash(path: str | Path | None = None) -> str:
     """sha256 of the classifier's weight file (the shipped one by default); keys cached statistics."""
     path = DEFAULT_PATH if path is None else Path(path)
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return file_sha256(path)
     except OSError as e:
         raise EctuneError(f"cannot read classifier weights {path}: {e}; pass a valid .safetensors path") from e
 

@@ -1,7 +1,9 @@
 """Distances between two sets of features: Fréchet distance, KID, k-NN precision / recall.
 
 Pure formula functions on feature arrays, plus `FeatureStats`, an accumulator of the sums that
-the Fréchet distance needs; its sums add up across batches and across processes.
+the Fréchet distance needs, added up batch by batch. (Evaluation under torchrun gathers the samples
+to rank 0 instead of reducing these sums: KID and precision/recall need every feature, and scores
+computed on one process are the same whatever the number of processes.)
 """
 
 from __future__ import annotations
@@ -77,6 +79,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
 
 
+def fd_to_stats(feats, mu, sigma) -> float:
+    """Fréchet distance between the Gaussian of features (N, D) (their mean and unbiased covariance)
+    and N(mu, sigma): how samples are scored against cached reference statistics."""
+    f = _as_features(feats, "feats")
+    return frechet_distance(f.mean(0), np.cov(f, rowvar=False), mu, sigma)
+
+
 class FeatureStats:
     """Running sums for mean and covariance of features (D,): Σx (D,), Σxxᵀ (D, D), count, in float64.
 
@@ -103,32 +112,6 @@ class FeatureStats:
         self.count += len(x)
         self.sum += x.sum(0)
         self.outer += x.T @ x
-        return self
-
-    def merge(self, other: FeatureStats) -> FeatureStats:
-        """Add the sums of `other` (e.g. gathered from another process) into self; returns self."""
-        if other.dim is None:
-            return self
-        if self.dim is None:
-            self._allocate(other.dim)
-        if other.dim != self.dim:
-            raise EctuneError(f"cannot merge FeatureStats of dimension {other.dim} into {self.dim}; use one extractor")
-        self.count += other.count
-        self.sum += other.sum
-        self.outer += other.outer
-        return self
-
-    def all_reduce(self) -> FeatureStats:
-        """Sum the statistics over all torch.distributed processes in place (no-op if not distributed)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return self
-        if self.dim is None:
-            raise EctuneError("all_reduce needs the feature dimension on every process; call update first")
-        flat = torch.from_numpy(np.concatenate([[float(self.count)], self.sum, self.outer.ravel()]))
-        torch.distributed.all_reduce(flat)
-        flat = flat.numpy()
-        self.count, self.sum = int(round(flat[0])), flat[1 : 1 + self.dim].copy()
-        self.outer = flat[1 + self.dim :].reshape(self.dim, self.dim).copy()
         return self
 
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:

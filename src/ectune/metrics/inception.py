@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ectune.errors import EctuneError
+from ectune.hashing import file_sha256
 from ectune.progress import Progress
 from ectune.metrics.frechet import FeatureStats, _as_features, frechet_distance
 from ectune.metrics.reference import _save_npz, default_stats_dir
@@ -68,12 +69,8 @@ def find_weights(weights: str | Path | None = None) -> Path:
 
 
 @functools.lru_cache(maxsize=8)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _sha256(path: str, size: int, mtime_ns: int) -> str:      # size, mtime: a changed file is hashed again
+    return file_sha256(path)
 
 
 def network_sha256(weights: str | Path | None = None) -> str:

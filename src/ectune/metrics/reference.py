@@ -16,8 +16,9 @@ import torch
 
 from ectune.atomic import atomic_file
 from ectune.errors import EctuneError
+from ectune.images import from_uint8
 from ectune.metrics.classifier import FEATURES_VERSION, FMNISTClassifier, classifier_hash, load_classifier
-from ectune.metrics.frechet import FeatureStats, frechet_distance
+from ectune.metrics.frechet import FeatureStats, fd_to_stats, frechet_distance
 
 _MAX_ABS = 2.0  # float images beyond ±2 are on another scale (e.g. [0, 255]), not [-1, 1]
 
@@ -45,7 +46,7 @@ def _to_unit_range(images) -> torch.Tensor:
         x = (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
     elif x.dtype != torch.uint8:
         raise EctuneError(f"images must be uint8 or float in [-1, 1], got {x.dtype}; convert them")
-    return x.to(torch.float32) / 127.5 - 1.0
+    return from_uint8(x)
 
 
 @torch.no_grad()
@@ -134,9 +135,8 @@ def fd_against_reference(fake_images, split: str = "test", limit: int | None = N
     FD is biased upwards for small N; compare numbers only at equal N (10k is the convention).
     """
     path_arg = None if classifier_path is None else str(Path(classifier_path).resolve())
-    mu_f, sigma_f = _stats_of(classifier_features(fake_images, _cached_classifier(path_arg)))
     mu_r, sigma_r, _ = reference_stats(split, limit, classifier_path=classifier_path, cache_dir=cache_dir)
-    return frechet_distance(mu_f, sigma_f, mu_r, sigma_r)
+    return fd_to_stats(classifier_features(fake_images, _cached_classifier(path_arg)), mu_r, sigma_r)
 
 
 def real_vs_real_floor(n: int = 10_000, classifier_path: str | Path | None = None,
