@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ectune import __version__
-from ectune.config import preset
+from ectune.presets import preset
 from ectune.models import build_denoiser, resolve_device
 from ectune.training import batch_loss, draw, stepping
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ectune.cli import main
-from ectune.config import NetConfig, preset
+from ectune.config import NetConfig
+from ectune.presets import preset
 from ectune.importers import write_model_file
 from ectune.losses import edm2_loss, edm_loss
 from ectune.models import build_denoiser, load_denoiser, student_net

@@ -29,7 +29,8 @@ from PIL import Image
 
 from ectune import data
 from ectune.checkpoint import read_train_state, read_weights, save_checkpoint
-from ectune.config import RunConfig, preset, read_config
+from ectune.config import RunConfig, read_config
+from ectune.presets import preset
 from ectune.errors import EctuneError
 from ectune.models import build_denoiser
 

@@ -15,7 +15,7 @@ import torch
 
 from ectune import methods
 from ectune.cli import build_parser
-from ectune.config import preset
+from ectune.presets import preset
 from ectune.data import load_dataset
 from ectune.methods import METHODS, TUNE_METHODS, Method
 from ectune.models import build_denoiser

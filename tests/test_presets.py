@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ectune.config import preset, preset_names
+from ectune.presets import preset, preset_names
 from ectune.schedules import ect_r
 
 

@@ -94,7 +94,7 @@ def test_tune_method_sct_resumes_bit_identically(teacher_and_data, tmp_path):
 
 
 def test_sct_draws_references_from_the_run_generator_only():
-    from ectune.config import preset
+    from ectune.presets import preset
     from ectune.training import draw
     cfg = preset("tiny", "tune")
     sct = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, method="sct", sct_refs=32))

@@ -11,7 +11,7 @@ import torch
 import ectune.synth as synth_mod
 from ectune.checkpoint import list_checkpoints, save_checkpoint
 from ectune.cli import main
-from ectune.config import preset
+from ectune.presets import preset
 from ectune.data import load_dataset
 from ectune.errors import EctuneError
 from ectune.images import to_uint8

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import preset, read_config
+from .config import read_config
+
+from .presets import preset
 from .models import load_denoiser
 from .report import read_records
 from .report import train_seconds as logged_seconds

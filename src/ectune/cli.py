@@ -10,11 +10,11 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from . import __version__, distributed
-from .config import RunConfig, preset, preset_names
+from .config import RunConfig
+from .presets import preset, preset_names
 from .cliargs import check_args
 from .errors import EctuneError
 from .methods import METHODS, TUNE_METHODS

@@ -20,7 +20,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from .checkpoint import read_weights
-from .config import NetConfig, RunConfig, preset
+from .config import NetConfig, RunConfig
+from .presets import preset
 from .data import load_fashion_mnist
 from .errors import EctuneError
 from .evaluate import reference

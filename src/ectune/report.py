@@ -12,7 +12,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .config import RunConfig, preset, read_config
+from .config import RunConfig, read_config
+
+from .presets import preset
 from .errors import EctuneError
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .config import RunConfig, apply_overrides, preset
+from .config import RunConfig, apply_overrides
+
+from .presets import preset
 from .errors import EctuneError
 from .methods import TUNE_METHODS, method
 

@@ -28,7 +28,7 @@ from .images import from_uint8, save_samples
 from .methods import Draws, method
 from .trainstate import TrainState, autocast_dtype, make_optimizer, new_state, restore, save
 from .monitor import Monitor, check_eval, eval_due, trim_metrics
-from .sampling import default_consistency_times, sample_images
+from .sampling import sample_images
 
 
 def check_trainable(cfg: RunConfig, D: torch.nn.Module, n_items: int, device: torch.device) -> None:
