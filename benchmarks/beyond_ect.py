@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ect_benchmark import consistency_rows
-from ectune.bench import RowCache, iteration_seconds, tune_run
+
+from ectune.bench import RowCache, consistency_rows, iteration_seconds, tune_run
 from ectune.evaluate import reference
 
 RECIPES = {

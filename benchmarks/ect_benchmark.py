@@ -32,60 +32,13 @@ import numpy as np
 import torch
 
 from ectune import __version__
-from ectune.bench import RowCache, iteration_seconds, train_seconds, tune_run
-from ectune.evaluate import fd_only, reference, score_samples
-from ectune.midtime import (
-    HELDOUT_SEED0,
-    candidate_grid,
-    search_mid_times,
-    store_mid_times,
-)
+from ectune.bench import SHAPE, RowCache, consistency_rows, iteration_seconds, teacher_row, tune_run
+from ectune.evaluate import reference
 from ectune.models import load_denoiser
-from ectune.sampling import sample_images
+from ectune.sampling import Sampler, sample_images
 
-SHAPE = (1, 28, 28)
 HEUN_LEVELS = (1, 2, 3, 5, 9, 18)                # NFE 2N − 1: 1, 3, 5, 9, 17, 35
 DPM_NFE = (1, 2, 3, 5, 9, 17, 35)
-MID_GRID = (0.2, 10.0, 11)                       # candidate mid times, log-spaced (lo, hi, count)
-BATCH = 128                                      # sampling batch: faster on CPU than larger ones
-
-
-def score_row(D, seeds, ref, *, label: str, **sampler) -> dict:
-    t0 = time.perf_counter()
-    x = sample_images(D, seeds, SHAPE, batch=BATCH, **sampler)
-    sec = (time.perf_counter() - t0) / len(seeds)
-    return {"label": label, **score_samples(x, ref), "seconds_per_image": sec, "n": len(seeds),
-            "sampler": {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in sampler.items()}}
-
-
-def teacher_row(D, seeds, ref, family: str, nfe: int, who: str = "teacher") -> dict:
-    """A diffusion sampler's row: EDM Heun (NFE 2N − 1) or DPM-Solver++(2M) at `nfe` evaluations."""
-    if family == "heun":
-        kw, sampler = {"sampler": "heun", "heun_steps": (nfe + 1) // 2}, "Heun"
-    else:
-        kw, sampler = {"sampler": "dpmpp2m", "dpm_nfe": nfe}, "DPM-Solver++(2M)"
-    return {**score_row(D, seeds, ref, label=f"{who} {sampler} {nfe} NFE", **kw), "nfe": nfe, "family": family}
-
-
-def consistency_rows(cache, run: Path, name: str, seeds, ref, n_search: int) -> dict:
-    """1- and 2-step rows of a tuned run on `seeds`, the mid time searched on `n_search` held-out seeds."""
-    D, cfg = load_denoiser(run)
-    tag = f"n{len(seeds)}"
-    search_seeds = list(range(HELDOUT_SEED0, HELDOUT_SEED0 + n_search))
-    held_ref = ref
-
-    def search():
-        best, tried = search_mid_times(D, SHAPE, lambda x: fd_only(x, held_ref), batch=BATCH,
-                                       candidates=candidate_grid(*MID_GRID), seeds=search_seeds)
-        return {"mid_ts": best, "tried": tried}
-    grid = "-".join(f"{v:g}" for v in MID_GRID)
-    mid = cache.get(f"{name}-midt-{n_search}-grid{grid}", search)["mid_ts"]
-    store_mid_times(run, mid)
-    one = cache.get(f"{tag}-{name}-1step", lambda: score_row(D, seeds, ref, label=f"{name} 1 step", ts=[80.0]))
-    two = cache.get(f"{tag}-{name}-2step-mid{mid[0]:.4g}", lambda: score_row(
-        D, seeds, ref, label=f"{name} 2 steps (mid {mid[0]:.3g})", ts=[80.0, *mid]))
-    return {"1step": one, "2step": two, "mid_ts": mid, "train_seconds": train_seconds(run),
-            "images": cfg.steps * cfg.batch}
 
 
 def iteration_cost(teacher: str, batch: int, iters: int = 8) -> dict:
@@ -100,15 +53,15 @@ def throughput(T, E, mid_ts, n: int = 500) -> dict:
     seeds and batch (the quality rows are timed too, but hours apart, when the load may differ)."""
     seeds = list(range(n))
     out = {}
-    for name, D, kw in (("heun35", T, {"sampler": "heun", "heun_steps": 18}), ("ect_1step", E, {"ts": [80.0]}),
-                        ("ect_2step", E, {"ts": [80.0, *mid_ts]})):
+    for name, D, sampler in (("heun35", T, Sampler.heun(18)), ("ect_1step", E, Sampler.consistency([80.0])),
+                             ("ect_2step", E, Sampler.consistency([80.0, *mid_ts]))):
         t0 = time.perf_counter()
-        sample_images(D, seeds, SHAPE, batch=n, **kw)
+        sample_images(D, seeds, SHAPE, sampler, batch=n)
         out[name] = (time.perf_counter() - t0) / n
     return {"seconds_per_image": out, "onestep_speedup_vs_heun35": out["heun35"] / out["ect_1step"], "n": n}
 
 
-def inception_row(D, n: int, label: str, **sampler) -> dict:
+def inception_row(D, n: int, label: str, sampler: Sampler) -> dict:
     from ectune.data import load_fashion_mnist
     from ectune.evaluate import (
         inception_provenance,
@@ -117,7 +70,7 @@ def inception_row(D, n: int, label: str, **sampler) -> dict:
     )
     real = load_fashion_mnist(split="test").images[:n]
     ref = inception_reference(real)
-    x = sample_images(D, list(range(n)), SHAPE, batch=250, **sampler)
+    x = sample_images(D, list(range(n)), SHAPE, sampler, batch=250)
     return {"label": label, "n": n, "reference": f"first {n} Fashion-MNIST test images",
             **score_inception(x, ref), **inception_provenance(f"fashion-mnist test[:{n}]")}
 
@@ -234,9 +187,9 @@ def inception_rows(cache, T, E, mid_ts, n: int, big: int) -> dict:
     if n <= 0:
         return {}
     return {"ect_2step": cache.get(f"inception{n}-ect-{big}-2step", lambda: inception_row(
-                E, n, "ECT 2 steps", ts=[80.0, *mid_ts])),
+                E, n, "ECT 2 steps", Sampler.consistency([80.0, *mid_ts]))),
             "teacher_heun35": cache.get(f"inception{n}-teacher-heun35", lambda: inception_row(
-                T, n, "teacher Heun 35 NFE", sampler="heun", heun_steps=18))}
+                T, n, "teacher Heun 35 NFE", Sampler.heun(18)))}
 
 
 def scaling_fit(models, width: str, budgets, teacher_fd: float) -> dict:

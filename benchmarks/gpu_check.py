@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from ectune import __version__
-from ectune.presets import preset
 from ectune.models import build_denoiser, resolve_device
+from ectune.presets import preset
 from ectune.training import batch_loss, draw, stepping
 
 

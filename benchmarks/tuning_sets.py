@@ -17,26 +17,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import numpy as np  # noqa: E402
-from ect_benchmark import consistency_rows, score_row  # noqa: E402
+import numpy as np
 
-from ectune.bench import RowCache, tune_run  # noqa: E402
+from ectune.bench import RowCache, consistency_rows, score_row, tune_run
+from ectune.data import load_dataset
+from ectune.evaluate import Reference, reference, score_samples
+from ectune.images import from_uint8
+from ectune.models import load_denoiser, resolve_device
+from ectune.sampling import Sampler
+from ectune.synth import synthesize
 
-from ectune.cli import main as ectune  # noqa: E402
-from ectune.data import load_dataset  # noqa: E402
-from ectune.evaluate import reference, score_samples  # noqa: E402
-from ectune.models import load_denoiser  # noqa: E402
 
-
-def subset_reference(classes: str):
-    """The classifier-feature statistics of the test images of `classes`, shaped like `reference()`."""
+def subset_reference(classes: str) -> Reference:
+    """The classifier-feature statistics of the test images of `classes`, as `reference()` gives them."""
     from ectune.metrics import classifier_features
     f = classifier_features(load_dataset(f"fashion-mnist[classes={classes}]", split="test").images)
-    return f.mean(0), np.cov(f, rowvar=False), f, f"fashion-mnist test[classes={classes}]"
+    return Reference(f.mean(0), np.cov(f, rowvar=False), f, {"reference": f"fashion-mnist test[classes={classes}]"})
 
 
 def reusable(args) -> bool:
@@ -49,7 +47,7 @@ def reusable(args) -> bool:
         "ect", "fashion-mnist", args.steps, args.batch, Path(args.teacher).resolve())
 
 
-def main() -> None:
+def _args():
     from ectune.demo import shipped_teacher
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/tuning_sets")
@@ -65,7 +63,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--n", type=int, default=1000, help="samples per evaluated row")
     ap.add_argument("--n-search", type=int, default=500)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = _args()
     out, runs = Path(args.out), Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
     cache, ref, seeds = RowCache(out), reference(), list(range(args.n))
@@ -73,33 +75,37 @@ def main() -> None:
             (f"subset-{args.subset.replace(',', '')}", f"fashion-mnist[classes={args.subset}]", None)]
     sets += [(f"synth-{size}", str(runs / f"synth-{size}-{args.synth}{args.nfe}.npz"), size)
              for size in sorted(int(s) for s in args.sizes.split(","))]
-    rows = {}
-    for name, data, size in sets:                            # smallest first: results come in early
-        if size is not None:
-            how = ["--nfe", str(args.nfe)] if args.synth == "dpmpp2m" else ["--num-steps", str((args.nfe + 1) // 2)]
-            if ectune(["synth", "--teacher", args.teacher, "--n", str(size), "--sampler", args.synth, *how,
-                       "--seed", "2000000", "--batch", "128", "--out", data, "--no-progress"]) != 0:
-                raise SystemExit(f"synth of {data} failed")
-        ds = load_dataset(data)
-        first = ds.images[:args.n].float() / 127.5 - 1     # the tuning set's own quality: its first --n images
-        own = cache.get(f"n{args.n}-set-{name}", lambda: score_samples(first, ref))
-        if name == "real" and reusable(args):
-            run = Path(args.real_run)
-        else:
-            run = tune_run(runs / f"ect-{name}-{args.steps}", args.teacher, "ect", steps=args.steps, batch=args.batch,
-                           data=data)
-        rows[name] = {"data": data, "set_fd": own["fd"], "set_size": len(ds),
-                      **consistency_rows(cache, run, f"{name}-{args.steps}", seeds, ref, args.n_search)}
-        if name.startswith("subset-"):          # also against the test images of its own classes
-            sub_ref = subset_reference(args.subset)
-            D, _ = load_denoiser(run)
-            mid = rows[name]["mid_ts"]
-            rows[name]["vs_subset_test"] = {
-                "set": cache.get(f"n{args.n}-set-{name}-vs-subset", lambda: score_samples(first, sub_ref)),
-                "1step": cache.get(f"n{args.n}-{name}-{args.steps}-1step-vs-subset", lambda: score_row(
-                    D, seeds, sub_ref, label=f"{name} 1 step vs its classes", ts=[80.0])),
-                "2step": cache.get(f"n{args.n}-{name}-{args.steps}-2step-mid{mid[0]:.4g}-vs-subset", lambda: score_row(
-                    D, seeds, sub_ref, label=f"{name} 2 steps vs its classes", ts=[80.0, *mid]))}
+    rows = {name: set_rows(args, cache, ref, seeds, name, data, size) for name, data, size in sets}   # smallest first
+    write_outputs(out, args, rows)
+
+
+def set_rows(args, cache, ref, seeds, name: str, data: str, size: int | None) -> dict:
+    """One tuning set: made by the teacher's sampler if `size` is given, its own quality (its first
+    --n images), ECT tuned on it and its 1- and 2-step rows (a class subset: also against its classes)."""
+    if size is not None:
+        how = {"nfe": args.nfe} if args.synth == "dpmpp2m" else {"num_steps": (args.nfe + 1) // 2}
+        synthesize(args.teacher, data, n=size, seed=2_000_000, batch=128, device=resolve_device("auto"),
+                   progress=False, sampler=args.synth, **how)
+    ds = load_dataset(data)
+    first = from_uint8(ds.images[:args.n])
+    own = cache.get(f"n{args.n}-set-{name}", lambda: score_samples(first, ref))
+    run = Path(args.real_run) if name == "real" and reusable(args) else tune_run(
+        Path(args.runs) / f"ect-{name}-{args.steps}", args.teacher, "ect", steps=args.steps, batch=args.batch, data=data)
+    row = {"data": data, "set_fd": own["fd"], "set_size": len(ds),
+           **consistency_rows(cache, run, f"{name}-{args.steps}", seeds, ref, args.n_search)}
+    if name.startswith("subset-"):
+        sub_ref, (D, _), mid = subset_reference(args.subset), load_denoiser(run), row["mid_ts"]
+        tag = f"n{args.n}-{name}-{args.steps}"
+        row["vs_subset_test"] = {
+            "set": cache.get(f"n{args.n}-set-{name}-vs-subset", lambda: score_samples(first, sub_ref)),
+            "1step": cache.get(f"{tag}-1step-vs-subset", lambda: score_row(
+                D, seeds, sub_ref, Sampler.consistency([80.0]), label=f"{name} 1 step vs its classes")),
+            "2step": cache.get(f"{tag}-2step-mid{mid[0]:.4g}-vs-subset", lambda: score_row(
+                D, seeds, sub_ref, Sampler.consistency([80.0, *mid]), label=f"{name} 2 steps vs its classes"))}
+    return row
+
+
+def write_outputs(out: Path, args, rows: dict) -> None:
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     lines = ["| tuning set | set size | set's own FD | images seen | 1-step FD | 2-step FD (mid) | 2-step precision "
              "| 2-step recall |", "|---|---|---|---|---|---|---|---|"]

@@ -95,8 +95,8 @@ def test_fp16_without_a_gpu_is_a_clear_error(setup, capsys):
 
 def test_noise_levels_stay_fp32_under_autocast():
     """The sinusoidal noise embedding and EDM's coefficients are computed in fp32 inside autocast."""
-    from ectune.presets import preset
     from ectune.models import build_denoiser
+    from ectune.presets import preset
     D = build_denoiser(preset("tiny", "tune").net)
     seen = {}
     D.net.map_noise.register_forward_hook(lambda m, i, o: seen.update(emb=o.dtype))      # returns None

@@ -9,12 +9,12 @@ import torch
 
 from ectune.cli import main
 from ectune.config import NetConfig
-from ectune.presets import preset
 from ectune.importers import write_model_file
 from ectune.losses import edm2_loss, edm_loss
 from ectune.models import build_denoiser, load_denoiser, student_net
 from ectune.networks import EDM2_SIZES, count_parameters
 from ectune.networks.edm2 import Block, EDM2UNet, MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize
+from ectune.presets import preset
 
 
 def rms(x: torch.Tensor) -> float:

@@ -30,9 +30,9 @@ from PIL import Image
 from ectune import data
 from ectune.checkpoint import read_train_state, read_weights, save_checkpoint
 from ectune.config import RunConfig, read_config
-from ectune.presets import preset
 from ectune.errors import EctuneError
 from ectune.models import build_denoiser
+from ectune.presets import preset
 
 # The same 60 examples per reader on every run; ECTUNE_FUZZ_EXAMPLES=5000 searches further, at random.
 _EXAMPLES = int(os.environ.get("ECTUNE_FUZZ_EXAMPLES", "0"))

@@ -217,8 +217,8 @@ def test_import_cli_then_tune_and_sample(persistence, tmp_path):
 @pytest.fixture
 def weights_file(tmp_path):
     """An ectune weights file with distinct online ("net") and averaged ("ema") weights."""
-    from ectune.presets import preset
     from ectune.importers import write_model_file
+    from ectune.presets import preset
     cfg = preset("tiny", "pretrain")
     net_D, ema_D = build_denoiser(cfg.net, seed=1), build_denoiser(cfg.net, seed=2)
     tensors = {**{f"net.{k}": v for k, v in net_D.state_dict().items()},

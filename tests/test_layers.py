@@ -17,7 +17,12 @@ FORBIDDEN = {
     "precond": {"networks", "models", "training", "cli", "losses", "sampling"},
     "metrics": {"training", "cli", "runs", "monitor", "demo", "losses", "networks"},
     "data": {"training", "cli", "runs", "monitor", "demo", "losses", "sampling", "networks", "metrics"},
+    "methods": {"training", "trainstate", "cli", "runs", "start", "monitor", "demo", "bench", "networks", "models",
+                "data", "metrics"},
 }
+ALL = {p.stem for p in SRC.glob("*.py")} | {p.name for p in SRC.iterdir() if (p / "__init__.py").is_file()}
+FORBIDDEN.update({leaf: ALL - {leaf, "errors"} for leaf in ("rng", "hashing", "config")})
+FORBIDDEN["presets"] = ALL - {"presets", "config", "errors", "networks"}
 
 
 def ectune_imports(path: Path) -> set[str]:

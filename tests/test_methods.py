@@ -15,10 +15,10 @@ import torch
 
 from ectune import methods
 from ectune.cli import build_parser
-from ectune.presets import preset
 from ectune.data import load_dataset
 from ectune.methods import METHODS, TUNE_METHODS, Method
 from ectune.models import build_denoiser
+from ectune.presets import preset
 from ectune.rng import replayed, rng_state
 from ectune.runs import train_run
 

@@ -11,11 +11,11 @@ import torch
 import ectune.synth as synth_mod
 from ectune.checkpoint import list_checkpoints, save_checkpoint
 from ectune.cli import main
-from ectune.presets import preset
 from ectune.data import load_dataset
 from ectune.errors import EctuneError
 from ectune.images import to_uint8
 from ectune.models import build_denoiser, load_denoiser
+from ectune.presets import preset
 from ectune.sampling import Sampler, sample_images
 
 

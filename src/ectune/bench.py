@@ -1,6 +1,7 @@
 """What the benchmark scripts share (benchmarks/*.py): a results cache that two processes running the
-same benchmark split between them, tune runs with the benchmarks' settings through the library, and
-the compute seconds and iteration cost of a run's method.
+same benchmark split between them, scored rows of a sampler or of a tuned run's 1 and 2 steps (the mid
+time searched on held-out seeds), tune runs with the benchmarks' settings through the library, and the
+compute seconds and iteration cost of a run's method.
 """
 
 from __future__ import annotations
@@ -15,11 +16,17 @@ import numpy as np
 import torch
 
 from .config import read_config
-
-from .presets import preset
+from .evaluate import fd_only, score_samples
+from .midtime import HELDOUT_SEED0, candidate_grid, search_mid_times, store_mid_times
 from .models import load_denoiser
+from .presets import preset
 from .report import read_records
 from .report import train_seconds as logged_seconds
+from .sampling import Sampler, sample_images
+
+SHAPE = (1, 28, 28)                     # the benchmarks' Fashion-MNIST images
+MID_GRID = (0.2, 10.0, 11)              # candidate mid times, log-spaced (lo, hi, count)
+BATCH = 128                             # sampling batch: faster on CPU than larger ones
 
 
 class RowCache:
@@ -85,6 +92,45 @@ def _claim_alive(claim: Path) -> bool:
     except PermissionError:
         pass
     return True
+
+
+def score_row(D, seeds, ref, sampler: Sampler, *, label: str) -> dict:
+    """Classifier scores of D's samples for `seeds` with `sampler`, its seconds per image and its spec.
+    (Rows cached before 2026-12-01 record the sampler as sample_images keyword arguments.)"""
+    t0 = time.perf_counter()
+    x = sample_images(D, seeds, SHAPE, sampler, batch=BATCH)
+    sec = (time.perf_counter() - t0) / len(seeds)
+    return {"label": label, **score_samples(x, ref), "seconds_per_image": sec, "n": len(seeds),
+            "sampler": sampler.spec}
+
+
+def teacher_row(D, seeds, ref, family: str, nfe: int, who: str = "teacher") -> dict:
+    """A diffusion sampler's row: EDM Heun (NFE 2N − 1) or DPM-Solver++(2M) at `nfe` evaluations."""
+    sampler, name = (Sampler.heun((nfe + 1) // 2), "Heun") if family == "heun" else \
+        (Sampler.dpmpp2m(nfe), "DPM-Solver++(2M)")
+    return {**score_row(D, seeds, ref, sampler, label=f"{who} {name} {nfe} NFE"), "nfe": nfe, "family": family}
+
+
+def consistency_rows(cache: RowCache, run: Path, name: str, seeds, ref, n_search: int) -> dict:
+    """1- and 2-step rows of a tuned run on `seeds`, the mid time searched on `n_search` held-out seeds
+    (and stored in the run, as `ectune eval --search-mid-t` does)."""
+    D, cfg = load_denoiser(run)
+    tag = f"n{len(seeds)}"
+    held = list(range(HELDOUT_SEED0, HELDOUT_SEED0 + n_search))
+
+    def search():
+        best, tried = search_mid_times(D, SHAPE, lambda x: fd_only(x, ref), batch=BATCH,
+                                       candidates=candidate_grid(*MID_GRID), seeds=held)
+        return {"mid_ts": best, "tried": tried}
+    grid = "-".join(f"{v:g}" for v in MID_GRID)
+    mid = cache.get(f"{name}-midt-{n_search}-grid{grid}", search)["mid_ts"]
+    store_mid_times(run, mid)
+    one = cache.get(f"{tag}-{name}-1step", lambda: score_row(D, seeds, ref, Sampler.consistency([80.0]),
+                                                             label=f"{name} 1 step"))
+    two = cache.get(f"{tag}-{name}-2step-mid{mid[0]:.4g}", lambda: score_row(
+        D, seeds, ref, Sampler.consistency([80.0, *mid]), label=f"{name} 2 steps (mid {mid[0]:.3g})"))
+    return {"1step": one, "2step": two, "mid_ts": mid, "train_seconds": train_seconds(run),
+            "images": cfg.steps * cfg.batch}
 
 
 def tune_run(out: Path, teacher: str, method: str, *, steps: int, batch: int, seed: int | None = None,

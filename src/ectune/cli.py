@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 from . import __version__, distributed
-from .config import RunConfig
-from .presets import preset, preset_names
 from .cliargs import check_args
+from .config import RunConfig
 from .errors import EctuneError
 from .methods import METHODS, TUNE_METHODS
+from .presets import preset, preset_names
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -218,10 +218,22 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog="`ectune COMMAND --help` shows a command's options.")
     ap.add_argument("--version", action="version", version=f"ectune {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True, title="commands", metavar="COMMAND")
+    for add in (_pretrain_parser, _tune_parser, _sample_parser, _synth_parser, _eval_parser, _presets_parser,
+                _demo_parser, _download_parser, _import_parser, _report_parser, _export_parser):
+        add(sub)                                        # one function per command, in the help's order
+    for command in ("pretrain", "tune", "sample", "eval"):
+        sub.choices[command].formatter_class = _HelpFormatter
+    return ap
+
+
+def _pretrain_parser(sub) -> None:
     p = sub.add_parser("pretrain", help="train an EDM diffusion model (the teacher)")
     _add_run_args(p)
     p.add_argument("--cond", action="store_true", help="class-conditional on the dataset's labels")
     p.set_defaults(func=cmd_pretrain)
+
+
+def _tune_parser(sub) -> None:
     p = sub.add_parser("tune", help="Easy Consistency Tuning from a teacher's EMA weights (or the baselines)")
     p.add_argument("--teacher", help="teacher run folder or weights file (iCT: optional, gives the architecture; "
                    "--method cd also takes a diffusers UNet2DModel DDPM folder)")
@@ -229,11 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="; ".join(f"{name}: {METHODS[name].help}" for name in TUNE_METHODS))
     _add_run_args(p)
     p.set_defaults(func=cmd_tune)
+
+
+def _sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="generate samples as a PNG grid or an .npz")
     _add_sampler_args(p, n=64, batch=256)
     p.add_argument("--label", type=int, help="class label for a conditional model (default: seed %% classes)")
     p.add_argument("--out", required=True, help=".png grid or .npz (uint8 NxCxHxW + seeds)")
     p.set_defaults(func=cmd_sample)
+
+
+def _synth_parser(sub) -> None:
     p = sub.add_parser("synth", help="generate a tuning set with a teacher's sampler (sharded, resumable .npz)")
     p.add_argument("--teacher", required=True,
                    help="run folder, checkpoint folder, .safetensors file or diffusers UNet2DModel DDPM folder")
@@ -249,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar: a line on stderr every ~10%% "
                    "(or 30 s) instead")
     p.set_defaults(func=cmd_synth)
+
+
+def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="score samples of a checkpoint (classifier FD, KID, precision/recall; "
                        "or Inception FID)")
     _add_sampler_args(p, n=10000, batch=500)
@@ -267,10 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", type=float, nargs="+", help="mid times to try (default: 13 from 0.1 to 10, "
                    "log-spaced)")
     p.set_defaults(func=cmd_eval)
+
+
+def _presets_parser(sub) -> None:
     p = sub.add_parser("presets", help="list presets with their parameter counts")
     p.add_argument("--show", help="print one preset's full config as JSON")
     p.add_argument("--kind", default="tune", choices=["pretrain", "tune"])
     p.set_defaults(func=cmd_presets)
+
+
+def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="tune the shipped Fashion-MNIST teacher and compare, in minutes")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--minutes", type=float, help="size the tuning budget to finish in this wall time "
@@ -280,11 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+
+def _download_parser(sub) -> None:
     p = sub.add_parser("download", help="download Fashion-MNIST from its official URL (checksummed)")
     p.add_argument("dataset", choices=["fashion-mnist"])
     p.add_argument("--dest", default="~/.cache/ectune/fashion-mnist", help="folder for the four .gz files")
     p.add_argument("--base-url", help="a mirror of the official files (default: the official URL)")
     p.set_defaults(func=cmd_download)
+
+
+def _import_parser(sub) -> None:
     p = sub.add_parser("import", help="convert an EDM, official-ECT or EDM2 network .pkl into ectune weights "
                        "(no code from it runs)")
     p.add_argument("format", choices=["edm-pkl"], help="edm-pkl: a snapshot written by EDM, official ECT "
@@ -295,18 +328,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "networks)")
     p.add_argument("--data", help="dataset spec recorded for `ectune tune` (default cifar10 for 32x32 RGB)")
     p.set_defaults(func=cmd_import)
+
+
+def _report_parser(sub) -> None:
     p = sub.add_parser("report", help="turn a run folder into report.md with loss and quality plots")
     p.add_argument("run", help="a pretrain or tune run folder (its --out)")
     p.set_defaults(func=cmd_report)
+
+
+def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="write one set of weights + config as a standalone .safetensors")
     p.add_argument("--ckpt", required=True,
                    help="run folder, checkpoint folder, .safetensors file or diffusers UNet2DModel DDPM folder")
     p.add_argument("--out", required=True, help="output .safetensors (a .json sidecar is written beside it)")
     p.add_argument("--weights", default="ema", choices=["ema", "net"], help="averaged (ema) or online (net)")
     p.set_defaults(func=cmd_export)
-    for command in ("pretrain", "tune", "sample", "eval"):
-        sub.choices[command].formatter_class = _HelpFormatter
-    return ap
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -21,15 +21,15 @@ from PIL import Image, ImageDraw
 
 from .checkpoint import read_weights
 from .config import NetConfig, RunConfig
-from .presets import preset
 from .data import load_fashion_mnist
 from .errors import EctuneError
 from .evaluate import reference
 from .images import grid_image, to_uint8
 from .models import student_from
+from .presets import preset
 from .report import write_report as run_report
-from .sampling import default_consistency_times, heun_nfe, sample_images
 from .runs import train_run
+from .sampling import default_consistency_times, heun_nfe, sample_images
 from .training import train
 
 TEACHER_HEUN_STEPS = (2, 5, 18)        # Heun N → NFE 3, 9, 35

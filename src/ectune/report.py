@@ -13,9 +13,8 @@ import json
 from pathlib import Path
 
 from .config import RunConfig, read_config
-
-from .presets import preset
 from .errors import EctuneError
+from .presets import preset
 
 
 def read_records(path: Path) -> list[dict]:

@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig, apply_overrides
-
-from .presets import preset
 from .errors import EctuneError
 from .methods import TUNE_METHODS, method
+from .presets import preset
 
 
 def configure(base: RunConfig, *, overrides=(), steps: int | None = None, kimg: float | None = None,

@@ -229,8 +229,8 @@ def import_edm_pickle(src: str | Path, out: str | Path, *, preset_name: str | No
     imported network; `data` is the dataset spec recorded for tuning (default "cifar10" for
     32x32 RGB networks, else none: pass ``--data`` to tune). Returns a summary dict.
     """
-    from ..presets import preset
     from .files import write_model_file
+    from ..presets import preset
 
     src = Path(src)
     snapshot = read_edm_pickle(src)
