@@ -218,7 +218,9 @@ def check_continuable(cfg: RunConfig, out: Path, resume: str, fp: dict | None, r
         raise EctuneError(f"{e}; choose another --out") from None
     a, b = dataclasses.asdict(old), dataclasses.asdict(cfg)
     diff = sorted(k for k in a if k not in resumable and a[k] != b[k])
-    if cfg.loss.method == "cd" and old.teacher and Path(old.teacher).resolve() != Path(cfg.teacher).resolve():
+    from .methods import method
+    frozen = method(cfg.loss.method).frozen_teacher
+    if frozen and old.teacher and Path(old.teacher).resolve() != Path(cfg.teacher).resolve():
         diff.append("teacher")    # CD's target is the teacher's ODE step: another teacher is another run
     if diff:
         raise EctuneError(f"{out} holds a different run (differs in {diff}); choose another --out "
