@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 
-from ectune.bench import RowCache, consistency_rows, iteration_seconds, tune_run
+from ectune.bench import RowCache, consistency_rows, iteration_seconds, train_seconds, tune_run
+from ectune.config import read_config
 from ectune.evaluate import reference
 
 RECIPES = {
@@ -35,7 +36,22 @@ RECIPES = {
     "sct": ("sct", []),
     "ect-pm06": ("ect", ["loss.P_mean=-0.6"]),
     "sct-pm06": ("sct", ["loss.P_mean=-0.6"]),
+    "sct-pm06+tcm": ("tcm", []),            # sct-pm06 for half the steps, then TCM's second stage for the rest
 }
+STAGE1 = {"sct-pm06+tcm": "sct-pm06"}
+
+
+def tune_recipe(runs: Path, name: str, args, seed: int) -> tuple[Path, Path | None]:
+    """The recipe's run on `seed` (and its stage-1 run, for a two-stage recipe: each half the steps)."""
+    method, sets = RECIPES[name]
+    if name not in STAGE1:
+        return tune_run(runs / f"{name}-{args.steps}-s{seed}", args.teacher, method, steps=args.steps,
+                        batch=args.batch, seed=seed, overrides=sets), None
+    first, half = STAGE1[name], args.steps // 2
+    stage1 = tune_run(runs / f"{first}-{half}-s{seed}", args.teacher, RECIPES[first][0], steps=half,
+                      batch=args.batch, seed=seed, overrides=RECIPES[first][1])
+    return tune_run(runs / f"{name}-{args.steps}-s{seed}", str(stage1), method, steps=args.steps - half,
+                    batch=args.batch, seed=seed, overrides=sets), stage1
 
 
 def summarise(rows: dict, cost: dict) -> dict:
@@ -115,12 +131,14 @@ def main() -> None:
     ref, seeds = reference(), list(range(args.n))
     rows: dict = {}
     for name in args.recipes.split(","):
-        method, sets = RECIPES[name]
         for seed in (int(s) for s in args.seeds.split(",")):
-            run = tune_run(runs / f"{name}-{args.steps}-s{seed}", args.teacher, method, steps=args.steps,
-                           batch=args.batch, seed=seed, overrides=sets)
-            rows.setdefault(name, {})[seed] = consistency_rows(cache, run, f"{name}-{args.steps}-s{seed}", seeds,
-                                                               ref, args.n_search)
+            run, stage1 = tune_recipe(runs, name, args, seed)
+            row = consistency_rows(cache, run, f"{name}-{args.steps}-s{seed}", seeds, ref, args.n_search)
+            if stage1 is not None:                      # images and seconds of both stages
+                cfg = read_config(stage1 / "config.json")
+                row = {**row, "images": row["images"] + cfg.steps * cfg.batch,
+                       "train_seconds": row["train_seconds"] + train_seconds(stage1)}
+            rows.setdefault(name, {})[seed] = row
     if args.no_cost:
         return
     methods = ["edm", *sorted({RECIPES[n][0] for n in rows})]

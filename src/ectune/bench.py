@@ -159,20 +159,24 @@ def train_seconds(run: Path) -> float:
 
 
 def iteration_seconds(teacher: str, methods, batch: int, reps: int = 12, shape=(1, 28, 28)) -> dict:
-    """Median seconds of one training iteration per method ("edm" = pretraining) on the teacher's network,
-    the methods' iterations interleaved so that a drift of the machine's speed affects them alike."""
+    """Median seconds of one training iteration per method ("edm" = pretraining) on the teacher's network
+    (TCM: the truncated pair of two copies), the methods' iterations interleaved so that a drift of the
+    machine's speed affects them alike."""
     import contextlib
-    import copy
 
+    from .checkpoint import read_weights
+    from .models import student_from
     from .training import stepping
-    D, t_cfg = load_denoiser(teacher)
+    t_cfg, tensors, _ = read_weights(teacher)
     images = torch.randint(0, 256, (4 * batch, *shape), dtype=torch.uint8)
     with contextlib.ExitStack() as stack:
         steps = {}
         for m in methods:
             base = preset("fmnist", "pretrain" if m == "edm" else "tune")
-            cfg = replace(base, batch=batch, net=t_cfg.net, loss=replace(base.loss, method=m))
-            steps[m] = stack.enter_context(stepping(cfg, copy.deepcopy(D).train(), images, device=torch.device("cpu")))
+            net = replace(t_cfg.net, truncate_t=1.0 if m == "tcm" else 0.0)    # TCM: the truncated pair
+            cfg = replace(base, batch=batch, net=net, loss=replace(base.loss, method=m))
+            D = student_from(tensors, net, str(teacher)).train()
+            steps[m] = stack.enter_context(stepping(cfg, D, images, device=torch.device("cpu")))
         times = {m: [] for m in methods}
         for _ in range(reps + 2):
             for m, step in steps.items():

@@ -42,6 +42,7 @@ class NetConfig:
     dropout_res: int = 0                    # edm2: > 0 applies dropout only at resolutions <= this
     logvar_channels: int = 0                # edm2: > 0 adds the uncertainty head u(sigma) (EDM2 Eq. 21)
     eval_sigma_min: float = 0.0             # > 0: official ECT's eval-mode shift of c_skip/c_out by sigma_min
+    truncate_t: float = 0.0                 # > 0: TCM's model, a frozen stage-1 copy below this sigma (t')
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,10 @@ class LossConfig:
     ict_total_steps: int = 0                # iCT curriculum length K (0: the run's steps; frozen at creation)
     cd_solver: str = "heun"                 # CD: the teacher's ODE step from t to r ("heun" | "euler")
     sct_refs: int = 512                     # SCT: training images per iteration in the E[x0 | x_t] estimate
+    step_offset: int = 0                    # stages count from iteration step + step_offset (TCM: stage 1's steps)
+    tcm_df: float = 0.01                    # TCM: ln t ~ Student-t(df)(P_mean, P_std) truncated to [ln t', ln 80]
+    tcm_boundary: float = 0.25              # TCM: share of each batch at t = t' (the boundary rows) ...
+    tcm_w_boundary: float = 0.1             # ... and the weight of their mean loss beside the others' mean
 
 
 @dataclass(frozen=True)
@@ -181,7 +186,8 @@ def read_config(path) -> RunConfig:
 _AT_LEAST = {"batch": 1, "steps": 1, "ckpt_every": 1, "sample_every": 1, "log_every": 1, "keep_ckpts": 0,
              "max_nonfinite": 1, "net.model_channels": 1, "net.channel_mult_emb": 1, "net.num_blocks": 1,
              "net.img_resolution": 1, "net.in_channels": 1, "net.label_dim": 0, "loss.stages": 1,
-             "loss.stage_iters": 0, "loss.sct_refs": 0, "optim.lr": 0, "optim.warmup_steps": 0, "optim.lr_ref_steps": 0,
+             "loss.stage_iters": 0, "loss.sct_refs": 0, "loss.step_offset": 0, "loss.tcm_w_boundary": 0,
+             "net.truncate_t": 0, "optim.lr": 0, "optim.warmup_steps": 0, "optim.lr_ref_steps": 0,
              "sample.heun_steps": 1, "sample.grid": 1, "eval.every_kimg": 0, "eval.n": 2}
 
 
@@ -198,6 +204,9 @@ def _check_values(cfg: RunConfig) -> None:
     if not (0 <= n.dropout < 1 and n.sigma_data > 0):
         raise EctuneError(f"config needs 0 <= net.dropout < 1 and net.sigma_data > 0, got {n.dropout}, {n.sigma_data}")
     _check_net(n)
+    if not (0 <= cfg.loss.tcm_boundary < 1 and cfg.loss.tcm_df > 0):
+        raise EctuneError(f"config needs 0 <= loss.tcm_boundary < 1 and loss.tcm_df > 0, got "
+                          f"{cfg.loss.tcm_boundary}, {cfg.loss.tcm_df}")
     v = cfg.eval
     if v.metric not in ("classifier", "inception") or v.weights not in ("ema", "both") or \
             cfg.engine.tensorboard not in ("auto", "on", "off"):

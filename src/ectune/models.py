@@ -10,9 +10,9 @@ from .checkpoint import load_state_checked, read_weights, split_prefix
 from .config import NetConfig, RunConfig
 from .errors import EctuneError
 from .networks import EDM2UNet, SongUNet
-from .precond import EDMPrecond
+from .precond import EDMPrecond, Truncated
 
-_NOT_NETWORK = ("size", "arch", "sigma_data", "eval_sigma_min")
+_NOT_NETWORK = ("size", "arch", "sigma_data", "eval_sigma_min", "truncate_t")
 _EDM2_ONLY = ("channel_mult_noise", "dropout_res", "logvar_channels")
 WEIGHTS = ("ema", "net")                    # a checkpoint's averaged and online weights
 
@@ -26,20 +26,25 @@ def build_network_of(net: NetConfig) -> torch.nn.Module:
     return SongUNet(out_channels=net.in_channels, **{k: v for k, v in kwargs.items() if k not in _EDM2_ONLY})
 
 
-def build_denoiser(net: NetConfig, seed: int = 0) -> EDMPrecond:
-    """EDMPrecond(network) for a NetConfig, initialised from `seed` (global RNG untouched)."""
+def build_denoiser(net: NetConfig, seed: int = 0) -> torch.nn.Module:
+    """EDMPrecond(network) for a NetConfig, initialised from `seed` (global RNG untouched); with
+    net.truncate_t > 0, TCM's pair of two such denoisers (`precond.Truncated`: tuned, stage1)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return EDMPrecond(build_network_of(net), sigma_data=net.sigma_data, label_dim=net.label_dim,
-                          eval_sigma_min=net.eval_sigma_min)
+        D = EDMPrecond(build_network_of(net), sigma_data=net.sigma_data, label_dim=net.label_dim,
+                       eval_sigma_min=net.eval_sigma_min)
+    if net.truncate_t > 0:
+        return Truncated(D, build_denoiser(dataclasses.replace(net, truncate_t=0.0), seed), net.truncate_t)
+    return D
 
 
 def student_net(teacher: NetConfig, recipe: NetConfig) -> NetConfig:
     """The teacher's architecture with the tuning recipe's dropout (and, between EDM2 networks, its
     dropout resolution) and without the logvar head, which consistency tuning does not use (the
-    official ECT ImageNet-64 code drops it too)."""
+    official ECT ImageNet-64 code drops it too), and untruncated (TCM's recipe truncates its own)."""
     dropout_res = recipe.dropout_res if teacher.arch == recipe.arch == "edm2" else teacher.dropout_res
-    return dataclasses.replace(teacher, dropout=recipe.dropout, dropout_res=dropout_res, logvar_channels=0)
+    return dataclasses.replace(teacher, dropout=recipe.dropout, dropout_res=dropout_res, logvar_channels=0,
+                               truncate_t=0.0)
 
 
 def student_from(tensors: dict[str, torch.Tensor], net: NetConfig, source: str) -> EDMPrecond:
@@ -49,6 +54,8 @@ def student_from(tensors: dict[str, torch.Tensor], net: NetConfig, source: str) 
     state = split_prefix(tensors, "ema")
     if not net.logvar_channels:
         state = {k: v for k, v in state.items() if not k.startswith("net.logvar_")}
+    if net.truncate_t > 0 and not any(k.startswith("tuned.") for k in state):   # TCM from its stage-1 model
+        state = {f"{part}.{k}": v for part in ("tuned", "stage1") for k, v in state.items()}
     load_state_checked(D, state, source)
     return D
 

@@ -8,12 +8,17 @@ At σ = 0, c_skip = 1 and c_out = 0, so D(x, 0) = x exactly; the network is neve
 The official ECT code evaluates its CIFAR-10 models (``ECMPrecond``, eval mode only) with c_skip and
 c_out shifted by σ_min = 0.003 (:func:`ect_eval_coefficients`); ``eval_sigma_min`` > 0 turns that on
 for a model imported from it. ectune's own runs leave it at 0: the same D in training and sampling.
+
+:class:`Truncated` is TCM's denoiser (Lee et al. 2025): a frozen stage-1 consistency model below a
+noise level t′ and the network being tuned at and above it.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .rng import replayed, rng_state
 
 
 def edm_coefficients(sigma: torch.Tensor, sigma_data: float = 0.5):
@@ -77,3 +82,29 @@ class EDMPrecond(nn.Module):
         if class_labels.ndim == 1:
             class_labels = nn.functional.one_hot(class_labels.long(), self.label_dim)
         return class_labels.to(device=x.device, dtype=torch.float32)
+
+
+class Truncated(nn.Module):
+    """TCM's truncated consistency model: D(x, σ) = tuned(x, σ) where σ ≥ t′ and stage1(x, σ) below,
+    with `stage1` frozen (no gradients, never updated; TCM's f_θ₁ for σ < t′).
+
+    The tuned part sees the whole batch, so its dropout masks are those of any other call on a batch of
+    that shape from the same RNG state (the online pass at σ ≥ t′ and its replayed target pass share
+    them, as in ECT); the stage-1 rows are then evaluated as if they drew nothing from the stream.
+    """
+
+    def __init__(self, tuned: nn.Module, stage1: nn.Module, t_prime: float):
+        super().__init__()
+        self.tuned, self.stage1, self.t_prime = tuned, stage1.requires_grad_(False), float(t_prime)
+
+    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        low = sigma < self.t_prime
+        if not bool(low.any()):
+            return self.tuned(x, sigma, class_labels)
+        out = self.tuned(x, sigma, class_labels).clone() if not bool(low.all()) else \
+            torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        with torch.no_grad(), replayed(x.device, rng_state(x.device)):
+            below = self.stage1(x[low], sigma[low], None if class_labels is None else class_labels[low])
+        out[low] = below.to(out.dtype)
+        return out

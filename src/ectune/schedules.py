@@ -16,6 +16,25 @@ def lognormal_sigma(n: int, P_mean: float, P_std: float, *, generator=None, devi
     return (P_mean + P_std * z).exp()
 
 
+def truncated_t_sigma(n: int, P_mean: float, P_std: float, df: float, sigma_lo: float, sigma_hi: float, *,
+                      generator: torch.Generator, grid: int = 16385) -> torch.Tensor:
+    """ln σ ~ Student-t with `df` degrees of freedom, located at P_mean and scaled by P_std, truncated to
+    [ln σ_lo, ln σ_hi] (TCM's heavy-tailed t for its second stage, Lee et al. 2025). Returns (n,) float32.
+
+    Inverse-CDF sampling from u ~ U[0, 1) of `generator`: the truncated density
+    (1 + z²/df)^(−(df+1)/2), z = (ln σ − P_mean)/P_std, is integrated in float64 by the trapezoid rule on
+    `grid` points of [ln σ_lo, ln σ_hi] and its CDF inverted by linear interpolation.
+    """
+    y = torch.linspace(math.log(sigma_lo), math.log(sigma_hi), grid, dtype=torch.float64, device=generator.device)
+    density = (1 + ((y - P_mean) / P_std) ** 2 / df) ** (-(df + 1) / 2)
+    cdf = torch.cat([y.new_zeros(1), ((density[1:] + density[:-1]) / 2 * (y[1] - y[0])).cumsum(0)])
+    cdf = cdf / cdf[-1]
+    u = torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device)
+    i = torch.searchsorted(cdf, u, right=True).clamp(1, grid - 1)
+    frac = (u - cdf[i - 1]) / (cdf[i] - cdf[i - 1]).clamp_min(1e-300)
+    return (y[i - 1] + frac * (y[i] - y[i - 1])).exp().to(torch.float32)
+
+
 def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                   *, append_zero: bool = True, dtype=torch.float64) -> torch.Tensor:
     """EDM eq. 5: σ_i = (σmax^{1/ρ} + i/(N−1)·(σmin^{1/ρ} − σmax^{1/ρ}))^ρ, i < N, then σ_N = 0.

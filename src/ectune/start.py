@@ -90,10 +90,12 @@ def _check_label_values(ds, spec: str) -> None:
 
 @dataclass
 class TuneBase:
-    """The config a tune run is built on, and its teacher: weights (`tensors`) or a diffusers model."""
+    """The config a tune run is built on, and its teacher: weights (`tensors`) or a diffusers model,
+    and the teacher's own config."""
     cfg: RunConfig
     tensors: dict | None = None
     diffusers: torch.nn.Module | None = None
+    teacher_cfg: RunConfig | None = None
 
 
 def tune_base(method_name: str, teacher: str | None, preset_name: str | None, data: str | None,
@@ -105,8 +107,8 @@ def tune_base(method_name: str, teacher: str | None, preset_name: str | None, da
         raise EctuneError(f"--method {method_name} starts from a teacher: pass --teacher RUN_OR_WEIGHTS")
     base = _base_of_teacher(method_name, teacher, preset_name, out) if teacher is not None else \
         _base_from_scratch(preset_name, data)
-    return replace(base, cfg=method(method_name).recipe(replace(base.cfg, loss=replace(base.cfg.loss,
-                                                                                        method=method_name))))
+    cfg = replace(base.cfg, loss=replace(base.cfg.loss, method=method_name))
+    return replace(base, cfg=method(method_name).recipe(cfg, base.teacher_cfg))
 
 
 def _base_of_teacher(method_name: str, teacher: str, preset_name: str | None, out: Path) -> TuneBase:
@@ -120,15 +122,16 @@ def _base_of_teacher(method_name: str, teacher: str, preset_name: str | None, ou
         model, t_cfg = diffusers_denoiser(diffusers_root(teacher))
         base = preset(preset_name or "fmnist", "tune")
         net = replace(base.net, in_channels=t_cfg.net.in_channels, img_resolution=t_cfg.net.img_resolution)
-        return TuneBase(replace(base, net=net, teacher=str(teacher)), diffusers=model)
+        return TuneBase(replace(base, net=net, teacher=str(teacher)), diffusers=model, teacher_cfg=t_cfg)
     t_cfg, tensors, _ = read_weights(teacher)
     # (a run already in `out` is continued as it was created; for CD, runs refuses another teacher)
-    if t_cfg.kind == "tune" and method(method_name).start == "teacher" and not (Path(out) / "config.json").is_file():
+    m = method(method_name)
+    if t_cfg.kind == "tune" and m.teacher_kind == "pretrain" and m.start == "teacher" and not (Path(out) / "config.json").is_file():
         raise EctuneError(f"--teacher {teacher} is already a consistency model; --method {method_name} "
                           "needs a diffusion teacher: pass the pretrain run (or weights) it was tuned from")
     base = preset(preset_name or t_cfg.preset, "tune")
     return TuneBase(replace(base, data=t_cfg.data, teacher=str(teacher), net=student_net(t_cfg.net, base.net),
-                            sample=replace(base.sample)), tensors=tensors)
+                            sample=replace(base.sample)), tensors=tensors, teacher_cfg=t_cfg)
 
 
 def _base_from_scratch(preset_name: str | None, data: str | None) -> TuneBase:

@@ -57,11 +57,11 @@ def draw(cfg: RunConfig, n: int, shape, step: int, gen: torch.Generator, n_items
     """Iteration `step`'s draws for n samples of `shape`, in a fixed order from the run generator:
     the method's noise levels (t, r), the noise ε, then any reference-image indices (SCT)."""
     m = method(cfg.loss.method)
-    t, r, info = m.times(cfg, n, step, gen)
+    levels = m.times(cfg, n, step, gen)
     noise = torch.randn((n, *shape), generator=gen, device=gen.device)
     k = m.references(cfg)                   # the same references for every row, rank and micro-batch
     refs = torch.randint(n_items, (k,), generator=gen, device=gen.device) if k else None
-    return Draws(step, t, r, noise, info, refs)
+    return Draws(step, levels.t, levels.r, noise, levels.info, levels.weight, refs)
 
 
 def batch_loss(cfg: RunConfig, D, x0, labels, d: Draws, teacher=None) -> torch.Tensor:

@@ -13,8 +13,9 @@ from .ect import ECT
 from .edm import EDM
 from .ict import ICT
 from .sct import SCT
+from .tcm import TCM
 
-METHODS: dict[str, Method] = {m.name: m for m in (EDM, ECT, SCT, ICT, CD)}
+METHODS: dict[str, Method] = {m.name: m for m in (EDM, ECT, SCT, ICT, CD, TCM)}
 TUNE_METHODS = tuple(name for name, m in METHODS.items() if m.kind == "tune")
 
 

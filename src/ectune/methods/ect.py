@@ -7,7 +7,7 @@ import torch
 
 from ..losses import ect_loss
 from ..schedules import ect_r, ect_stage, lognormal_sigma
-from .base import Method
+from .base import Levels, Method
 
 
 def stage_times(cfg, n, step, gen):
@@ -15,10 +15,15 @@ def stage_times(cfg, n, step, gen):
     quantiles (q10, q50, q90; a tensor, read only when a step is logged). Shared by ECT, SCT and CD."""
     L = cfg.loss
     t = lognormal_sigma(n, L.P_mean, L.P_std, generator=gen, device=gen.device)
-    stage = ect_stage(step, cfg.stage_length)
+    stage = ect_stage(step + L.step_offset, cfg.stage_length)      # (offset: TCM continues stage 1's count)
     r = ect_r(t, stage, q=L.q, k=L.k, b=L.b)
+    return Levels(t, r, stage_info(t, r, stage))
+
+
+def stage_info(t, r, stage: int) -> dict:
+    """What the ECT-style methods log: the stage and the Δt/t quantiles (q10, q50, q90)."""
     q = torch.quantile(((t - r) / t).double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64, device=t.device))
-    return t, r, {"stage": stage, "dt_over_t": q}
+    return {"stage": stage, "dt_over_t": q}
 
 
 def freeze_stages(cfg):

@@ -3,11 +3,11 @@ logvar head train with EDM2's uncertainty-weighted loss (Karras et al. 2024)."""
 
 from ..losses import edm2_loss, edm_loss
 from ..schedules import lognormal_sigma
-from .base import Method
+from .base import Levels, Method
 
 
 def _times(cfg, n, step, gen):
-    return lognormal_sigma(n, cfg.loss.P_mean, cfg.loss.P_std, generator=gen, device=gen.device), None, {}
+    return Levels(lognormal_sigma(n, cfg.loss.P_mean, cfg.loss.P_std, generator=gen, device=gen.device), None, {})
 
 
 def _loss(cfg, D, x0, labels, d, teacher=None):

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from ..losses import ect_loss
 from ..schedules import ict_num_levels, ict_t_r
-from .base import Method
+from .base import Levels, Method
 from .ect import consistency_kw
 
 
@@ -14,14 +14,14 @@ def _times(cfg, n, step, gen):
     L = cfg.loss
     levels = ict_num_levels(step, L.ict_total_steps or cfg.steps, L.ict_s0, L.ict_s1)
     t, r = ict_t_r(n, levels, P_mean=L.P_mean, P_std=L.P_std, generator=gen, device=gen.device)
-    return t, r, {"levels": levels}
+    return Levels(t, r, {"levels": levels})
 
 
 def _loss(cfg, D, x0, labels, d, teacher=None):
     return ect_loss(D, x0, d.t, d.r, d.noise, **consistency_kw(cfg, labels))
 
 
-def recipe(cfg):
+def recipe(cfg, teacher=None):
     """iCT's settings on a tune preset: a discretised lognormal(−1.1, 2.0), weight 1/(σ_{i+1} − σ_i)
     ("inv_dt"), c = 0.00054·√dim. Its CIFAR-10 dropout of 0.3 is not applied: the comparison keeps the
     preset's network as it is (`--set net.dropout=0.3` to follow iCT)."""
