@@ -61,6 +61,15 @@ def test_truncated_routes_rows_and_shares_the_tuned_masks():
     assert torch.equal(alone, tuned(x, all_high))                # no stage-1 rows: the tuned part itself
 
 
+def test_dt_floor_stops_the_stages_at_tcms_ratio_limit():
+    from ectune.schedules import ect_r
+    t = torch.tensor([0.5, 1.0, 3.0, 80.0])
+    n = 1 + 8 * torch.sigmoid(-t)
+    assert torch.equal(ect_r(t, 3, dt_floor=0.0), (t * (1 - n / 2 ** 4)).clamp(min=0))      # ECT as it was
+    assert torch.equal(ect_r(t, 3, dt_floor=1e-3), ect_r(t, 3))                              # above the floor
+    torch.testing.assert_close((t - ect_r(t, 15, dt_floor=1e-3)) / t, n * 1e-3)              # at it
+
+
 def test_tcm_draws_boundary_rows_and_weights_them():
     cfg = preset("tiny", "tune")
     cfg = replace(cfg, net=replace(cfg.net, truncate_t=1.0), loss=replace(cfg.loss, method="tcm", step_offset=30,
@@ -95,7 +104,7 @@ def test_tcm_continues_a_stage1_run_and_resumes_exactly(stage1, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     e_cfg, ect, _ = read_weights(stage1 / "ect")
     assert (cfg.net.truncate_t, cfg.loss.step_offset, cfg.loss.stage_iters) == (1.0, 6, e_cfg.stage_length)
-    assert cfg.optim.lr == e_cfg.optim.lr / 2 and cfg.kind == "tune"
+    assert cfg.optim.lr == e_cfg.optim.lr / 2 and cfg.kind == "tune" and cfg.loss.dt_floor == 1e-3
     stage1_now = {k[len("ema.stage1."):]: v for k, v in a.items() if k.startswith("ema.stage1.")}
     assert stage1_now and all(torch.equal(v, ect[f"ema.{k}"]) for k, v in stage1_now.items())   # frozen
     log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]

@@ -56,13 +56,18 @@ def ect_stage(step: int, stage_iters: int) -> int:
     return step // stage_iters
 
 
-def ect_r(t: torch.Tensor, stage: int, *, q: float = 2.0, k: float = 8.0, b: float = 1.0) -> torch.Tensor:
+def ect_r(t: torch.Tensor, stage: int, *, q: float = 2.0, k: float = 8.0, b: float = 1.0,
+          dt_floor: float = 0.0) -> torch.Tensor:
     """ECT's mapping function (§4.2): n(t) = 1 + k·sigmoid(−b·t); r = max(0, t·(1 − n(t)/q^(s+1))).
 
     Δt/t = n(t)/q^(s+1) shrinks with the stage s, so r → t as training proceeds; 0 ≤ r < t.
+    `dt_floor` > 0 keeps 1/q^(s+1) ≥ dt_floor (TCM's code: its ratio limit 0.999 is a floor of 0.001).
     """
     n = 1 + k * torch.sigmoid(-b * t)
-    r = t * (1 - n / q ** (stage + 1))
+    scale = q ** (stage + 1)
+    if dt_floor > 0:
+        scale = min(scale, 1 / dt_floor)
+    r = t * (1 - n / scale)
     return r.clamp(min=0)
 
 

@@ -32,7 +32,7 @@ def _times(cfg, n, step, gen):
     boundary = torch.randperm(n, generator=gen, device=gen.device)[:int(n * L.tcm_boundary)]
     t[boundary] = t_prime
     stage = ect_stage(step + L.step_offset, cfg.stage_length)
-    r = ect_r(t, stage, q=L.q, k=L.k, b=L.b)
+    r = ect_r(t, stage, q=L.q, k=L.k, b=L.b, dt_floor=L.dt_floor)
     nb = len(boundary)
     weight = torch.full((n,), n / (n - nb), device=t.device)
     weight[boundary] = L.tcm_w_boundary * n / nb if nb else 0.0
@@ -47,12 +47,13 @@ def recipe(cfg, teacher):
     """TCM's stage-2 settings on the stage-1 run `teacher` (the official CIFAR-10 and ImageNet-64 recipes):
     t′ = 1, ln t ~ Student-t(0.01)(0, 0.2²) on [ln t′, ln 80], a quarter of the rows at the boundary with
     weight 0.1, half the stage-1 learning rate, and stage 1's stages continued (its stage length, counted
-    on from its last step)."""
+    on from its last step) down to TCM's floor Δt/t ≥ 0.001·n(t) (its code's ratio limit 0.999)."""
     if teacher is None or teacher.kind != "tune" or teacher.net.truncate_t > 0:
         raise EctuneError("--method tcm trains the second stage of a consistency model: pass --teacher the "
                           "stage-1 tune run (ECT, SCT, iCT or CD; not a diffusion model nor a TCM run)")
     loss = replace(cfg.loss, P_mean=0.0, P_std=0.2, tcm_df=0.01, tcm_boundary=0.25, tcm_w_boundary=0.1,
-                   stage_iters=teacher.stage_length, step_offset=teacher.loss.step_offset + teacher.steps)
+                   dt_floor=1e-3, stage_iters=teacher.stage_length,
+                   step_offset=teacher.loss.step_offset + teacher.steps)
     return replace(cfg, net=replace(cfg.net, truncate_t=T_PRIME), loss=loss,
                    optim=replace(cfg.optim, lr=teacher.optim.lr / 2))
 
