@@ -72,12 +72,11 @@ def test_dt_floor_stops_the_stages_at_tcms_ratio_limit():
 
 def test_tcm_draws_boundary_rows_and_weights_them():
     cfg = preset("tiny", "tune")
-    cfg = replace(cfg, net=replace(cfg.net, truncate_t=1.0), loss=replace(cfg.loss, method="tcm", step_offset=30,
-                                                                          stage_iters=10))
+    cfg = replace(cfg, net=replace(cfg.net, truncate_t=1.0), loss=replace(cfg.loss, method="tcm", tcm_stage=3))
     lv = METHODS["tcm"].times(cfg, 16, 0, torch.Generator().manual_seed(1))
     boundary = lv.t == 1.0
     assert int(boundary.sum()) == 4 and bool((lv.t >= 1).all()) and bool((lv.r < lv.t).all())
-    assert lv.info["stage"] == 3                                 # stages counted on from stage 1's 30 steps
+    assert lv.info["stage"] == 3                                 # the stage it holds
     loss = torch.rand(16)
     want = loss[~boundary].mean() + 0.1 * loss[boundary].mean()
     torch.testing.assert_close((lv.weight * loss).mean(), want)
@@ -103,12 +102,13 @@ def test_tcm_continues_a_stage1_run_and_resumes_exactly(stage1, tmp_path):
     _, b, _ = read_weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
     e_cfg, ect, _ = read_weights(stage1 / "ect")
-    assert (cfg.net.truncate_t, cfg.loss.step_offset, cfg.loss.stage_iters) == (1.0, 6, e_cfg.stage_length)
+    last = 5 // e_cfg.stage_length                              # stage 1's last iteration (of 6)
+    assert (cfg.net.truncate_t, cfg.loss.tcm_stage) == (1.0, last)
     assert cfg.optim.lr == e_cfg.optim.lr / 2 and cfg.kind == "tune" and cfg.loss.dt_floor == 1e-3
     stage1_now = {k[len("ema.stage1."):]: v for k, v in a.items() if k.startswith("ema.stage1.")}
     assert stage1_now and all(torch.equal(v, ect[f"ema.{k}"]) for k, v in stage1_now.items())   # frozen
     log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in log] == [(6 + i) // e_cfg.stage_length for i in range(4)]   # stage 1's count goes on
+    assert [r["stage"] for r in log] == [last] * 4                                           # held
     assert main(["sample", "--ckpt", str(tmp_path / "straight"), "--steps", "2", "--n", "3",
                  "--out", str(tmp_path / "s.npz")]) == 0
 

@@ -66,7 +66,7 @@ class LossConfig:
     cd_solver: str = "heun"                 # CD: the teacher's ODE step from t to r ("heun" | "euler")
     sct_refs: int = 512                     # SCT: training images per iteration in the E[x0 | x_t] estimate
     dt_floor: float = 0.0                   # > 0: Δt/t >= n(t)·dt_floor at every stage (TCM: 0.001)
-    step_offset: int = 0                    # stages count from iteration step + step_offset (TCM: stage 1's steps)
+    tcm_stage: int = 0                      # TCM: the ECT stage of its r, held (stage 1's last)
     tcm_df: float = 0.01                    # TCM: ln t ~ Student-t(df)(P_mean, P_std) truncated to [ln t', ln 80]
     tcm_boundary: float = 0.25              # TCM: share of each batch at t = t' (the boundary rows) ...
     tcm_w_boundary: float = 0.1             # ... and the weight of their mean loss beside the others' mean
@@ -187,7 +187,7 @@ def read_config(path) -> RunConfig:
 _AT_LEAST = {"batch": 1, "steps": 1, "ckpt_every": 1, "sample_every": 1, "log_every": 1, "keep_ckpts": 0,
              "max_nonfinite": 1, "net.model_channels": 1, "net.channel_mult_emb": 1, "net.num_blocks": 1,
              "net.img_resolution": 1, "net.in_channels": 1, "net.label_dim": 0, "loss.stages": 1,
-             "loss.stage_iters": 0, "loss.sct_refs": 0, "loss.step_offset": 0, "loss.dt_floor": 0, "loss.tcm_w_boundary": 0,
+             "loss.stage_iters": 0, "loss.sct_refs": 0, "loss.tcm_stage": 0, "loss.dt_floor": 0, "loss.tcm_w_boundary": 0,
              "net.truncate_t": 0, "optim.lr": 0, "optim.warmup_steps": 0, "optim.lr_ref_steps": 0,
              "sample.heun_steps": 1, "sample.grid": 1, "eval.every_kimg": 0, "eval.n": 2}
 

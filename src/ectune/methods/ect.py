@@ -15,7 +15,7 @@ def stage_times(cfg, n, step, gen):
     quantiles (q10, q50, q90; a tensor, read only when a step is logged). Shared by ECT, SCT and CD."""
     L = cfg.loss
     t = lognormal_sigma(n, L.P_mean, L.P_std, generator=gen, device=gen.device)
-    stage = ect_stage(step + L.step_offset, cfg.stage_length)      # (offset: TCM continues stage 1's count)
+    stage = ect_stage(step, cfg.stage_length)
     r = ect_r(t, stage, q=L.q, k=L.k, b=L.b, dt_floor=L.dt_floor)
     return Levels(t, r, stage_info(t, r, stage))
 
