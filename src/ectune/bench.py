@@ -165,6 +165,8 @@ def iteration_seconds(teacher: str, methods, batch: int, reps: int = 12, shape=(
     import contextlib
 
     from .checkpoint import read_weights
+    from .methods import METHODS
+    from .methods.tcm import T_PRIME
     from .models import student_from
     from .training import stepping
     t_cfg, tensors, _ = read_weights(teacher)
@@ -173,7 +175,8 @@ def iteration_seconds(teacher: str, methods, batch: int, reps: int = 12, shape=(
         steps = {}
         for m in methods:
             base = preset("fmnist", "pretrain" if m == "edm" else "tune")
-            net = replace(t_cfg.net, truncate_t=1.0 if m == "tcm" else 0.0)    # TCM: the truncated pair
+            tcm = METHODS[m].teacher_kind == "tune"                             # TCM: the truncated pair
+            net = replace(t_cfg.net, truncate_t=T_PRIME if tcm else 0.0)
             cfg = replace(base, batch=batch, net=net, loss=replace(base.loss, method=m))
             D = student_from(tensors, net, str(teacher)).train()
             steps[m] = stack.enter_context(stepping(cfg, D, images, device=torch.device("cpu")))

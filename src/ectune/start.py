@@ -126,12 +126,20 @@ def _base_of_teacher(method_name: str, teacher: str, preset_name: str | None, ou
     t_cfg, tensors, _ = read_weights(teacher)
     # (a run already in `out` is continued as it was created; for CD, runs refuses another teacher)
     m = method(method_name)
-    if t_cfg.kind == "tune" and m.teacher_kind == "pretrain" and m.start == "teacher" and not (Path(out) / "config.json").is_file():
-        raise EctuneError(f"--teacher {teacher} is already a consistency model; --method {method_name} "
-                          "needs a diffusion teacher: pass the pretrain run (or weights) it was tuned from")
+    if m.start == "teacher" and t_cfg.kind != m.teacher_kind and not (Path(out) / "config.json").is_file():
+        raise EctuneError(_WRONG_TEACHER[m.teacher_kind].format(teacher=teacher, method=method_name))
     base = preset(preset_name or t_cfg.preset, "tune")
-    return TuneBase(replace(base, data=t_cfg.data, teacher=str(teacher), net=student_net(t_cfg.net, base.net),
-                            sample=replace(base.sample)), tensors=tensors, teacher_cfg=t_cfg)
+    return TuneBase(replace(base, data=t_cfg.data, teacher=str(teacher), net=student_net(t_cfg.net, base.net)),
+                    tensors=tensors, teacher_cfg=t_cfg)
+
+
+# What a teacher of the other kind is told, by the kind of teacher the method starts from.
+_WRONG_TEACHER = {
+    "pretrain": "--teacher {teacher} is already a consistency model; --method {method} needs a diffusion "
+                "teacher: pass the pretrain run (or weights) it was tuned from",
+    "tune": "--teacher {teacher} is a diffusion model; --method {method} trains the second stage of a "
+            "consistency model: pass --teacher the stage-1 tune run (ECT, SCT, iCT or CD)",
+}
 
 
 def _base_from_scratch(preset_name: str | None, data: str | None) -> TuneBase:
