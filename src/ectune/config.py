@@ -44,6 +44,11 @@ class NetConfig:
     eval_sigma_min: float = 0.0             # > 0: official ECT's eval-mode shift of c_skip/c_out by sigma_min
     truncate_t: float = 0.0                 # > 0: TCM's model, a frozen stage-1 copy below this sigma (t')
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the network takes and its samples."""
+        return self.in_channels, self.img_resolution, self.img_resolution
+
 
 @dataclass(frozen=True)
 class LossConfig:

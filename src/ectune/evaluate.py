@@ -23,7 +23,7 @@ import numpy as np
 from . import __version__, distributed
 from .checkpoint import resolve_weights
 from .errors import EctuneError
-from .generation import choose_sampler, class_labels, image_shape, sample_sharded
+from .generation import choose_sampler, class_labels, sample_sharded
 from .hashing import file_sha256
 from .images import to_uint8
 
@@ -160,7 +160,7 @@ class ClassifierMetric:
 
     def reference(self, cfg, ckpt, ref_data: str | None = None) -> Reference:
         """The reference `classifier_reference_spec` picks (its note, if any, on stderr)."""
-        if image_shape(cfg) != (1, 28, 28):
+        if cfg.net.image_shape != (1, 28, 28):
             raise EctuneError("the classifier metric measures Fashion-MNIST-shaped models (1x28x28); "
                               "use --metric inception for other data")
         spec, note = classifier_reference_spec(cfg.data, ref_data, ckpt)
@@ -258,7 +258,7 @@ def evaluate_checkpoint(ckpt, n: int, *, metric_name: str = "classifier", seed: 
             candidates=candidates, batch=batch, device=device, progress=progress, log=log))
         sampler = choose_sampler(cfg, ckpt, **flags, mid_ts=search["mid_ts"])
     t0 = time.perf_counter()
-    x = sample_sharded(D, seeds, image_shape(cfg), sampler, labels, batch=batch, device=device, progress=progress)
+    x = sample_sharded(D, seeds, cfg.net.image_shape, sampler, labels, batch=batch, device=device, progress=progress)
     seconds = time.perf_counter() - t0
     if x is None:                               # another torchrun rank: rank 0 scores
         return None

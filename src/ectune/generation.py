@@ -97,11 +97,6 @@ def class_labels(cfg: RunConfig, seeds: Sequence[int], label: int | None = None,
     return torch.full((len(seeds),), label) if label is not None else seed_labels(seeds, classes)
 
 
-def image_shape(cfg: RunConfig) -> tuple[int, int, int]:
-    """(C, H, W) of the model's samples."""
-    return cfg.net.in_channels, cfg.net.img_resolution, cfg.net.img_resolution
-
-
 def sample_sharded(D, seeds: Sequence[int], shape, sampler: Sampler, labels=None, *, batch: int = 256,
                    device=None, progress: bool = True) -> torch.Tensor | None:
     """Samples for `seeds`, split by seed over torchrun processes: all of them, in order, on rank 0
@@ -125,5 +120,5 @@ def sample_checkpoint(ckpt, n: int, *, seed: int = 0, label: int | None = None, 
     seeds = list(range(seed, seed + n))
     labels = class_labels(cfg, seeds, label, ckpt)
     sampler = choose_sampler(cfg, ckpt, **flags)
-    x = sample_sharded(D, seeds, image_shape(cfg), sampler, labels, batch=batch, device=device, progress=progress)
+    x = sample_sharded(D, seeds, cfg.net.image_shape, sampler, labels, batch=batch, device=device, progress=progress)
     return Samples(x, seeds, sampler)

@@ -89,7 +89,7 @@ def search_and_store(D, cfg, ckpt, score: Callable, *, steps: int, eval_seeds: S
     if eval_seeds[-1] >= HELDOUT_SEED0:
         raise EctuneError(f"evaluation seeds must stay below {HELDOUT_SEED0}, where the held-out search seeds start")
     cands = candidates or candidate_grid(0.1, 10.0, 13)
-    shape = (cfg.net.in_channels, cfg.net.img_resolution, cfg.net.img_resolution)
+    shape = cfg.net.image_shape
     with Progress(len(cands) * len(held) * (steps - 1), "mid-time search", bar=progress) as bar:
         best, tried = search_mid_times(D, shape, score, steps=steps, candidates=cands, seeds=held,
                                        t_max=cfg.sample.t_max, batch=batch, device=device,

@@ -40,7 +40,7 @@ def eval_due(cfg: RunConfig, step: int) -> bool:
 def eval_fits(cfg: RunConfig) -> bool:
     """Whether the in-loop metric fits the run's data (the classifier metric: Fashion-MNIST only)."""
     from .evaluate import is_fashion_mnist
-    shape = (cfg.net.in_channels, cfg.net.img_resolution, cfg.net.img_resolution)
+    shape = cfg.net.image_shape
     return cfg.eval.metric != "classifier" or (shape == (1, 28, 28) and is_fashion_mnist(cfg.data))
 
 
@@ -48,7 +48,7 @@ def check_eval(cfg: RunConfig) -> None:
     """Refuse at start an in-loop metric that does not fit the run's data (before anything is written)."""
     if cfg.eval.every_kimg <= 0:
         return
-    shape = (cfg.net.in_channels, cfg.net.img_resolution, cfg.net.img_resolution)
+    shape = cfg.net.image_shape
     if cfg.eval.metric == "classifier":
         if not eval_fits(cfg):
             raise EctuneError(f"eval.metric=classifier scores against Fashion-MNIST, but this run trains on "
@@ -87,7 +87,7 @@ class Monitor:
     def evaluate(self, s, started: float) -> list[dict]:
         """Score the run's weights at this step; rows appended to metrics.jsonl (and TensorBoard)."""
         cfg, seeds = self.cfg, list(range(self.cfg.eval.n))
-        shape = (cfg.net.in_channels, cfg.net.img_resolution, cfg.net.img_resolution)
+        shape = cfg.net.image_shape
         labels = seed_labels(seeds, cfg.net.label_dim)
         models = [("ema", s.ema.module)] + ([("net", s.D)] if cfg.eval.weights == "both" else [])
         samplers = run_samplers(cfg)

@@ -31,7 +31,7 @@ from . import __version__
 from .atomic import atomic_file
 from .checkpoint import resolve_weights
 from .errors import EctuneError
-from .generation import choose_sampler, image_shape
+from .generation import choose_sampler
 from .hashing import file_sha256
 from .images import to_uint8
 from .models import load_denoiser
@@ -73,7 +73,7 @@ def synthesize(teacher, out, *, n: int, seed: int = 0, shard_size: int = 1000, b
         "num_steps": sampler.steps if sampler.name == "heun" else None,
         "nfe": sampler.nfe if sampler.name == "dpmpp2m" else None,
         "ts": sampler.ts if sampler.name == "consistency" else None,
-        "seed": seed, "n": n, "shard_size": shard_size, "shape": image_shape(cfg), "label_dim": cfg.net.label_dim})
+        "seed": seed, "n": n, "shard_size": shard_size, "shape": cfg.net.image_shape, "label_dim": cfg.net.label_dim})
     result = SynthResult(out, manifest, sampler)
     if _already_done(out, manifest):
         shutil.rmtree(parts_dir(out), ignore_errors=True)   # left over if a run stopped right after merging
