@@ -170,6 +170,20 @@ def test_precision_recall_sees_a_dropped_mode():
     assert one_p > 0.8 and 0.35 < one_r <= 0.5
 
 
+def test_precision_recall_with_the_reference_radii_given_equals_computing_them():
+    """A reference's radii computed once (Reference.knn_radii) give the same scores; the radius of a point
+    is its distance to the k-th nearest other point, by brute force."""
+    from ectune.metrics.frechet import knn_radii
+    rng = np.random.default_rng(11)
+    real, fake = rng.standard_normal((300, 6)), rng.standard_normal((200, 6)) + 0.3
+    radii = knn_radii(real, 3, chunk=64)
+    brute = np.sort(np.linalg.norm(real[:, None] - real[None], axis=2), axis=1)[:, 3]
+    np.testing.assert_allclose(radii.numpy(), brute, rtol=1e-12)
+    assert precision_recall(real, fake, real_radii=radii) == precision_recall(real, fake)
+    with pytest.raises(EctuneError, match="one radius per real feature"):
+        precision_recall(real, fake, real_radii=radii[:-1])
+
+
 def test_precision_recall_rejects_k_too_large():
     with pytest.raises(EctuneError, match="k must be"):
         precision_recall(np.zeros((3, 2)), np.zeros((5, 2)), k=3)

@@ -1,7 +1,7 @@
 """`ectune demo`: tune the shipped Fashion-MNIST teacher on a fixed budget with the best recipe measured
 for it (benchmarks/beyond_ect.py: ECT with the variance-reduced r-point, `--method sct`, and
-ln t ~ N(−0.6, 2²)), then put teacher (Heun, 3/9/35 NFE) and the tuned model (1/2 NFE) side by side on
-the same seeds, with numbers.
+ln t ~ N(−0.6, 2²)), then put the teacher (DPM-Solver++(2M) at 5 NFE, Heun at 9 and 35 NFE) and the tuned
+model (1/2 NFE) side by side on the same seeds, with numbers.
 
 Writes into the output folder: tune/ (the ECT run), grid.png, report.json, report.md, quality_vs_nfe.png.
 """
@@ -29,13 +29,13 @@ from .models import student_from
 from .presets import preset
 from .report import write_report as run_report
 from .runs import train_run
-from .sampling import default_consistency_times, heun_nfe, sample_images
+from .sampling import Sampler, default_consistency_times, sample_images
 from .training import train
 
-TEACHER_HEUN_STEPS = (2, 5, 18)        # Heun N → NFE 3, 9, 35
+TEACHER_SAMPLERS = (Sampler.dpmpp2m(5), Sampler.heun(5), Sampler.heun(18))   # NFE 5, 9, 35
 RECIPE = {"method": "sct", "P_mean": -0.6, "name": "SCT"}   # tune --method sct --set loss.P_mean=-0.6
 DEMO_STEPS = 355                       # the fixed tuning budget: 355 × 64 images, ~9.6 min in all on 2 CPU cores
-EVAL_NFE_PER_SAMPLE = sum(heun_nfe(n) for n in TEACHER_HEUN_STEPS) + 1 + 2 + 1 + 2
+EVAL_NFE_PER_SAMPLE = sum(s.nfe for s in TEACHER_SAMPLERS) + 1 + 2 + 1 + 2
 
 
 def shipped_teacher() -> Path:
@@ -97,10 +97,9 @@ def _with_steps(cfg: RunConfig, steps: int) -> RunConfig:
 
 
 def _rows_to_run(mid_ts) -> list[tuple]:
-    """(model, weights, sampler) of every row: the teacher's Heun samplers, then 1- and 2-step sampling
-    of both the averaged and the online tuned weights."""
-    from .sampling import Sampler
-    rows = [("teacher", "ema", Sampler.heun(n)) for n in TEACHER_HEUN_STEPS]
+    """(model, weights, sampler) of every row: the teacher's diffusion samplers, then 1- and 2-step
+    sampling of both the averaged and the online tuned weights."""
+    rows = [("teacher", "ema", sampler) for sampler in TEACHER_SAMPLERS]
     return rows + [("ect", weights, Sampler.consistency(default_consistency_times(k, mid_ts)))
                    for weights in ("ema", "online") for k in (1, 2)]
 
@@ -124,8 +123,8 @@ def evaluate(models: dict, seeds: list[int], mid_ts, device, ref, progress=None)
 
 
 def comparison_grid(samples: dict, path: Path) -> None:
-    """Rows: teacher Heun-35, teacher Heun-9, ECT 1-step, ECT 2-step, each on seeds 0..9, labelled."""
-    order = [("teacher Heun 35 NFE", ("teacher", "ema", 35)), ("teacher Heun 9 NFE", ("teacher", "ema", 9)),
+    """Rows: teacher Heun-35, teacher DPM-Solver++ 5 NFE, tuned 1-step, tuned 2-step, each on seeds 0..9."""
+    order = [("teacher Heun 35 NFE", ("teacher", "ema", 35)), ("teacher DPM++ 5 NFE", ("teacher", "ema", 5)),
              (f"{RECIPE['name']} 1 step", ("ect", "ema", 1)), (f"{RECIPE['name']} 2 steps", ("ect", "ema", 2))]
     strips = [grid_image(to_uint8(samples[key]), cols=10) for _, key in order]
     label_w, (w, h) = 150, strips[0].size
@@ -161,7 +160,9 @@ def _plot(path: Path, rows: list[dict]) -> None:
         return
     fig, ax = plt.subplots(figsize=(5, 3.5))
     t = [r for r in rows if r["model"] == "teacher"]
-    ax.plot([r["nfe"] for r in t], [r["fd"] for r in t], "o-", label="teacher (EDM Heun)")
+    for name, label in (("heun", "teacher (EDM Heun)"), ("dpmpp2m", "teacher (DPM-Solver++(2M))")):
+        ax.plot([r["nfe"] for r in t if r["sampler"].startswith(name)],
+                [r["fd"] for r in t if r["sampler"].startswith(name)], "o-", label=label)
     for weights, mark in (("ema", "s-"), ("online", "^--")):
         e = [r for r in rows if r["model"] == "ect" and r["weights"] == weights]
         ax.plot([r["nfe"] for r in e], [r["fd"] for r in e], mark, label=f"{RECIPE['name']} ({weights} weights)")

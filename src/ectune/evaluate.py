@@ -12,6 +12,7 @@ other data (or --ref-data of other data); every result names its reference and i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sys
 import time
@@ -34,6 +35,12 @@ class Reference:
     sigma: np.ndarray                   # (D, D) feature covariance
     feats: np.ndarray | None            # (N, D) the features (the classifier metric's KID and precision/recall)
     provenance: dict                    # a result's metric entries: feature network, reference name and size
+
+    @functools.cached_property
+    def knn_radii(self):
+        """The real manifold's radii for precision/recall (k = 3), computed once per reference."""
+        from .metrics.frechet import knn_radii
+        return knn_radii(self.feats)
 
     @property
     def sha256(self) -> str:
@@ -134,7 +141,7 @@ def score_samples(x, ref: Reference) -> dict:
     from .metrics import classifier_features, fd_to_stats, kid, precision_recall
     f = classifier_features(to_uint8(x))
     kid_mean, kid_std = kid(f, ref.feats, subset_size=min(1000, len(f)))
-    precision, recall = precision_recall(ref.feats, f)
+    precision, recall = precision_recall(ref.feats, f, real_radii=ref.knn_radii)
     return {"fd": fd_to_stats(f, ref.mu, ref.sigma), "kid": float(kid_mean), "kid_std": float(kid_std),
             "precision": float(precision), "recall": float(recall)}
 
