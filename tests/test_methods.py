@@ -116,3 +116,18 @@ def test_kind_follows_the_method_and_a_recorded_kind_must_agree():
     assert RunConfig.from_dict({k: v for k, v in d.items() if k != "kind"}) == cfg     # kind is optional
     with pytest.raises(EctuneError, match="kind 'pretrain' disagrees with its loss.method 'ect'"):
         RunConfig.from_dict({**d, "kind": "pretrain"})
+
+
+def test_the_method_is_the_presets_own_unless_given(tmp_path):
+    """`tune --preset fmnist-short` tunes with its SCT recipe; --method overrides it; every other preset
+    (and a teacher's recorded preset) keeps exact ECT."""
+    from ectune.demo import shipped_teacher
+    from ectune.start import tune_base
+    teacher = str(shipped_teacher())
+    short = tune_base(None, teacher, "fmnist-short", None, tmp_path / "a").cfg
+    assert (short.loss.method, short.loss.P_mean, short.ema.sigma_rel) == ("sct", -0.6, 0.025)
+    assert tune_base("ect", teacher, "fmnist-short", None, tmp_path / "b").cfg.loss.method == "ect"
+    default = tune_base(None, teacher, None, None, tmp_path / "c").cfg
+    assert default == tune_base("ect", teacher, None, None, tmp_path / "d").cfg
+    assert (default.loss.method, default.loss.P_mean) == ("ect", -1.1)
+    assert short.net == default.net and short.data == default.data

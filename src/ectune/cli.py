@@ -237,8 +237,9 @@ def _tune_parser(sub) -> None:
     p = sub.add_parser("tune", help="Easy Consistency Tuning from a teacher's EMA weights (or the baselines)")
     p.add_argument("--teacher", help="teacher run folder or weights file (iCT: optional, gives the architecture; "
                    "--method cd also takes a diffusers UNet2DModel DDPM folder)")
-    p.add_argument("--method", default="ect", choices=TUNE_METHODS,
-                   help="; ".join(f"{name}: {METHODS[name].help}" for name in TUNE_METHODS))
+    p.add_argument("--method", default=None, choices=TUNE_METHODS,
+                   help="the preset's method (ect, or sct for fmnist-short) unless given; "
+                   + "; ".join(f"{name}: {METHODS[name].help}" for name in TUNE_METHODS))
     _add_run_args(p)
     p.set_defaults(func=cmd_tune)
 

@@ -98,39 +98,46 @@ class TuneBase:
     teacher_cfg: RunConfig | None = None
 
 
-def tune_base(method_name: str, teacher: str | None, preset_name: str | None, data: str | None,
+def tune_base(method_name: str | None, teacher: str | None, preset_name: str | None, data: str | None,
               out: Path) -> TuneBase:
     """The tune preset (default: the teacher's) with the teacher's network and data and the method's
-    recipe. iCT needs no teacher (then the preset's network on --data's shape); a diffusers DDPM
-    folder is a teacher for CD only; a consistency model is no teacher (unless `out` continues a run)."""
-    if teacher is None and method(method_name).start == "teacher":
-        raise EctuneError(f"--method {method_name} starts from a teacher: pass --teacher RUN_OR_WEIGHTS")
-    base = _base_of_teacher(method_name, teacher, preset_name, out) if teacher is not None else \
-        _base_from_scratch(preset_name, data)
+    recipe; the method is `method_name`, or the preset's own (e.g. `fmnist-short`'s SCT; ECT for the
+    others). iCT needs no teacher (then the preset's network on --data's shape); a diffusers DDPM folder
+    is a teacher for CD only; a consistency model is no teacher (unless `out` continues a run)."""
+    if teacher is None:
+        base = _base_from_scratch(preset_name, data)
+        method_name = method_name or base.cfg.loss.method
+        if method(method_name).start == "teacher":
+            raise EctuneError(f"--method {method_name} starts from a teacher: pass --teacher RUN_OR_WEIGHTS")
+    else:
+        base, method_name = _base_of_teacher(method_name, teacher, preset_name, out)
     cfg = replace(base.cfg, loss=replace(base.cfg.loss, method=method_name))
     return replace(base, cfg=method(method_name).recipe(cfg, base.teacher_cfg))
 
 
-def _base_of_teacher(method_name: str, teacher: str, preset_name: str | None, out: Path) -> TuneBase:
+def _base_of_teacher(method_name: str | None, teacher: str, preset_name: str | None,
+                     out: Path) -> tuple[TuneBase, str]:
     from .checkpoint import read_weights
     from .importers.diffusers_vp import diffusers_root
     from .models import diffusers_denoiser, student_net
     if diffusers_root(teacher) is not None:
+        base = preset(preset_name or "fmnist", "tune")
+        method_name = method_name or base.loss.method
         if not method(method_name).frozen_teacher:
             raise EctuneError(f"--teacher {teacher} is a diffusers DDPM, whose network ectune cannot tune; "
                               "distill it with --method cd (the student is the preset's network)")
         model, t_cfg = diffusers_denoiser(diffusers_root(teacher))
-        base = preset(preset_name or "fmnist", "tune")
         net = replace(base.net, in_channels=t_cfg.net.in_channels, img_resolution=t_cfg.net.img_resolution)
-        return TuneBase(replace(base, net=net, teacher=str(teacher)), diffusers=model, teacher_cfg=t_cfg)
+        return TuneBase(replace(base, net=net, teacher=str(teacher)), diffusers=model, teacher_cfg=t_cfg), method_name
     t_cfg, tensors, _ = read_weights(teacher)
+    base = preset(preset_name or t_cfg.preset, "tune")
+    method_name = method_name or base.loss.method
     # (a run already in `out` is continued as it was created; for CD, runs refuses another teacher)
     m = method(method_name)
     if m.start == "teacher" and t_cfg.kind != m.teacher_kind and not (Path(out) / "config.json").is_file():
         raise EctuneError(_WRONG_TEACHER[m.teacher_kind].format(teacher=teacher, method=method_name))
-    base = preset(preset_name or t_cfg.preset, "tune")
     return TuneBase(replace(base, data=t_cfg.data, teacher=str(teacher), net=student_net(t_cfg.net, base.net)),
-                    tensors=tensors, teacher_cfg=t_cfg)
+                    tensors=tensors, teacher_cfg=t_cfg), method_name
 
 
 # What a teacher of the other kind is told, by the kind of teacher the method starts from.
