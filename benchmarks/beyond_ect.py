@@ -10,6 +10,11 @@ the mid time searched on --n-search held-out seeds (ect_benchmark's search and g
     sct          the variance-reduced r-point (`--method sct`, 512 reference images per iteration)
     ect-pm06     exact ECT with ln t ~ N(-0.6, 2²)
     sct-pm06     both
+    sct-pm06+tcm sct-pm06 for half the steps, then TCM's second stage (`--method tcm`) for the rest
+
+With --curve 100,200,800 the recipes of --curve-recipes are also tuned for those step budgets (their
+own stage schedules, not earlier steps of the long run) and fd_vs_images.png plots FD against tuning
+images, --curve-n samples per point.
 
 Each finished run and row is cached (runs in --runs, rows in --out/rows): run the same command again
 to continue. Writes --out/results.json, --out/table.md, --out/beyond_ect.png and the issue's keys
@@ -41,17 +46,28 @@ RECIPES = {
 STAGE1 = {"sct-pm06+tcm": "sct-pm06"}
 
 
-def tune_recipe(runs: Path, name: str, args, seed: int) -> tuple[Path, Path | None]:
-    """The recipe's run on `seed` (and its stage-1 run, for a two-stage recipe: each half the steps)."""
+def tune_recipe(runs: Path, name: str, args, seed: int, steps: int) -> tuple[Path, Path | None]:
+    """The recipe's run of `steps` on `seed` (and its stage-1 run, for a two-stage recipe: each half the steps)."""
     method, sets = RECIPES[name]
     if name not in STAGE1:
-        return tune_run(runs / f"{name}-{args.steps}-s{seed}", args.teacher, method, steps=args.steps,
+        return tune_run(runs / f"{name}-{steps}-s{seed}", args.teacher, method, steps=steps,
                         batch=args.batch, seed=seed, overrides=sets), None
-    first, half = STAGE1[name], args.steps // 2
+    first, half = STAGE1[name], steps // 2
     stage1 = tune_run(runs / f"{first}-{half}-s{seed}", args.teacher, RECIPES[first][0], steps=half,
                       batch=args.batch, seed=seed, overrides=RECIPES[first][1])
-    return tune_run(runs / f"{name}-{args.steps}-s{seed}", str(stage1), method, steps=args.steps - half,
+    return tune_run(runs / f"{name}-{steps}-s{seed}", str(stage1), method, steps=steps - half,
                     batch=args.batch, seed=seed, overrides=sets), stage1
+
+
+def recipe_row(cache: RowCache, runs: Path, name: str, args, seed: int, steps: int, seeds, ref) -> dict:
+    """1- and 2-step rows of the recipe's run of `steps` on `seed` (images and seconds of both stages)."""
+    run, stage1 = tune_recipe(runs, name, args, seed, steps)
+    row = consistency_rows(cache, run, f"{name}-{steps}-s{seed}", seeds, ref, args.n_search)
+    if stage1 is not None:
+        cfg = read_config(stage1 / "config.json")
+        row = {**row, "images": row["images"] + cfg.steps * cfg.batch,
+               "train_seconds": row["train_seconds"] + train_seconds(stage1)}
+    return row
 
 
 def summarise(rows: dict, cost: dict) -> dict:
@@ -108,6 +124,32 @@ def plot(path: Path, summary: dict, args) -> None:
     fig.savefig(path, dpi=120)
 
 
+def write_curve(out: Path, curve: dict, args) -> None:
+    """FD against tuning images per recipe (mean over seeds, the seeds as dots): fd_vs_images.png and
+    the points in curve.json."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    points = {name: [{"steps": steps, "images": steps * args.batch,
+                      "2step_fd_seeds": [r["2step"]["fd"] for r in per_seed.values()],
+                      "1step_fd_seeds": [r["1step"]["fd"] for r in per_seed.values()],
+                      "train_seconds": [r["train_seconds"] for r in per_seed.values()]}
+                     for steps, per_seed in by_steps.items()] for name, by_steps in curve.items()}
+    (out / "curve.json").write_text(json.dumps({"samples": args.curve_n, "points": points}, indent=1))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "2step", "2 steps"), (axes[1], "1step", "1 step")):
+        for i, (name, pts) in enumerate(points.items()):
+            x = [p["images"] for p in pts]
+            ax.plot(x, [np.mean(p[f"{key}_fd_seeds"]) for p in pts], "o-", color=f"C{i}", label=name)
+            for p in pts:
+                ax.scatter([p["images"]] * len(p[f"{key}_fd_seeds"]), p[f"{key}_fd_seeds"], color=f"C{i}", s=8)
+        ax.set(xscale="log", yscale="log", xlabel="tuning images", ylabel="classifier FD (lower is better)",
+               title=f"{title}, {args.curve_n} samples; dots = seeds")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "fd_vs_images.png", dpi=120)
+
+
 def main() -> None:
     from ectune.demo import shipped_teacher
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -119,6 +161,10 @@ def main() -> None:
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--n-search", type=int, default=500)
+    ap.add_argument("--curve", default="", help="more step budgets (e.g. 100,200,800) for the plot of FD against "
+                    "tuning images, beside --steps")
+    ap.add_argument("--curve-recipes", default="ect,sct-pm06", help="the recipes of that plot")
+    ap.add_argument("--curve-n", type=int, default=1000, help="samples per point of that plot (the first of --n)")
     ap.add_argument("--teacher", default=str(shipped_teacher()))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (one per process: run recipes in "
                     "two shells with --recipes to use two cores)")
@@ -129,22 +175,24 @@ def main() -> None:
     out, runs, cache = Path(args.out), Path(args.runs), RowCache(Path(args.out))
     torch.manual_seed(0)
     ref, seeds = reference(), list(range(args.n))
+    budgets = [int(b) for b in args.curve.split(",") if b]
+    curve_seeds = seeds[:args.curve_n]
     rows: dict = {}
-    for name in args.recipes.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
-            run, stage1 = tune_recipe(runs, name, args, seed)
-            row = consistency_rows(cache, run, f"{name}-{args.steps}-s{seed}", seeds, ref, args.n_search)
-            if stage1 is not None:                      # images and seconds of both stages
-                cfg = read_config(stage1 / "config.json")
-                row = {**row, "images": row["images"] + cfg.steps * cfg.batch,
-                       "train_seconds": row["train_seconds"] + train_seconds(stage1)}
-            rows.setdefault(name, {})[seed] = row
+    names, tuning_seeds = args.recipes.split(","), [int(s) for s in args.seeds.split(",")]
+    for name in names:
+        for seed in tuning_seeds:
+            rows.setdefault(name, {})[seed] = recipe_row(cache, runs, name, args, seed, args.steps, seeds, ref)
+    curve = {name: {steps: {seed: recipe_row(cache, runs, name, args, seed, steps, curve_seeds, ref)
+                            for seed in tuning_seeds} for steps in sorted({*budgets, args.steps})}
+             for name in args.curve_recipes.split(",") if budgets}
     if args.no_cost:
         return
     methods = ["edm", *sorted({RECIPES[n][0] for n in rows})]
     cost = cache.get(f"iter-{'-'.join(methods)}-b{args.batch}",
                      lambda: iteration_seconds(args.teacher, methods, args.batch))
     write_outputs(out, summarise(rows, cost), args)
+    if budgets:
+        write_curve(out, curve, args)
 
 
 if __name__ == "__main__":

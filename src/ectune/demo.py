@@ -1,6 +1,6 @@
-"""`ectune demo`: tune the shipped Fashion-MNIST teacher on a fixed budget with the best recipe measured
-for it (benchmarks/beyond_ect.py: ECT with the variance-reduced r-point, `--method sct`, and
-ln t ~ N(−0.6, 2²)), then put the teacher (DPM-Solver++(2M) at 5, 9 and 17 NFE) and the tuned model (1/2 NFE)
+"""`ectune demo`: tune the shipped Fashion-MNIST teacher on a fixed budget with the recipe measured best
+for such budgets (the `fmnist-short` preset: ECT with the variance-reduced r-point, `--method sct`,
+ln t ~ N(−0.6, 2²) and a power EMA of σ_rel 0.015; benchmarks/recipe_sweep.py), then put the teacher (DPM-Solver++(2M) at 5, 9 and 17 NFE) and the tuned model (1/2 NFE)
 side by side on the same seeds, with numbers.
 
 Writes into the output folder: tune/ (the ECT run), grid.png, report.json, report.md, quality_vs_nfe.png.
@@ -36,9 +36,9 @@ from .training import train
 # the teacher's converged quality at half Heun-35's cost (benchmarks/results/bench, 1,000 seeds: FD 17.08
 # against Heun-35's 17.29; 10,000 seeds: 16.28 against 16.94).
 TEACHER_SAMPLERS = (Sampler.dpmpp2m(5), Sampler.dpmpp2m(9), Sampler.dpmpp2m(17))
-RECIPE = {"method": "sct", "P_mean": -0.6, "name": "SCT"}   # tune --method sct --set loss.P_mean=-0.6
-DEMO_STEPS = 355                       # the fixed tuning budget: 355 × 64 images, ~9.6 min in all on 2 CPU cores
-EVAL_NFE_PER_SAMPLE = sum(s.nfe for s in TEACHER_SAMPLERS) + 1 + 2
+RECIPE = {"preset": "fmnist-short", "name": "SCT"}   # = ectune tune --preset fmnist-short
+DEMO_STEPS = 340                       # the fixed tuning budget: 340 × 64 images, ≤ 10 min in all on 2 CPU cores
+EVAL_NFE_PER_SAMPLE = sum(s.nfe for s in TEACHER_SAMPLERS) + 1 + 2 + 1 + 2
 
 
 def shipped_teacher() -> Path:
@@ -73,15 +73,9 @@ def tune_config(teacher_net: NetConfig, minutes: float | None, n_eval: int, D, d
                 steps: int | None = None) -> RunConfig:
     """The fmnist tune preset with a step budget that fits the time left after evaluation
     (or exactly `steps` steps)."""
-    cfg = preset("fmnist", "tune")
-    # Demo settings, from benchmarks/demo_sweep.py at the demo's budget (~320 steps of 64, CPU):
-    # the paper's lr 1e-4 was stable (2-step FD 123) where 3e-4 diverged in the last stages
-    # (408 and 241 on two seeds); mid time 2.5 beat 0.8 and 1.5 for 2-step sampling.
-    # The recipe: the best at 25.6k images in benchmarks/beyond_ect.py (2 seeds): SCT with P_mean -0.6.
+    cfg = preset(RECIPE["preset"], "tune")
     cfg = replace(cfg, teacher=str(shipped_teacher()), net=replace(teacher_net, dropout=cfg.net.dropout),
-                  batch=64, ckpt_every=100, sample_every=10**9, log_every=10,
-                  loss=replace(cfg.loss, method=RECIPE["method"], P_mean=RECIPE["P_mean"]),
-                  sample=replace(cfg.sample, mid_ts=(2.5,)))
+                  ckpt_every=100, sample_every=10**9, log_every=10)
     if steps is not None:
         return _with_steps(cfg, steps)
     eval_s = 1.1 * n_eval * EVAL_NFE_PER_SAMPLE / _forward_rate(D, device)
@@ -101,10 +95,11 @@ def _with_steps(cfg: RunConfig, steps: int) -> RunConfig:
 
 def _rows_to_run(mid_ts) -> list[tuple]:
     """(model, weights, sampler) of every row: the teacher's diffusion samplers, then 1- and 2-step
-    sampling of the tuned model's averaged weights (the online ones scored worse in the demo's report
-    of commit 2122a23: 2-step FD 109.7 against 85.3)."""
+    sampling of both the averaged and the online tuned weights (at these budgets neither is reliably
+    the better: benchmarks/recipe_sweep.py)."""
     rows = [("teacher", "ema", sampler) for sampler in TEACHER_SAMPLERS]
-    return rows + [("ect", "ema", Sampler.consistency(default_consistency_times(k, mid_ts))) for k in (1, 2)]
+    return rows + [("ect", weights, Sampler.consistency(default_consistency_times(k, mid_ts)))
+                   for weights in ("ema", "online") for k in (1, 2)]
 
 
 def evaluate(models: dict, seeds: list[int], mid_ts, device, ref, progress=None) -> tuple[list[dict], dict]:
@@ -164,8 +159,9 @@ def _plot(path: Path, rows: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     t = [r for r in rows if r["model"] == "teacher"]
     ax.plot([r["nfe"] for r in t], [r["fd"] for r in t], "o-", label="teacher (DPM-Solver++(2M))")
-    e = [r for r in rows if r["model"] == "ect"]
-    ax.plot([r["nfe"] for r in e], [r["fd"] for r in e], "s-", label=f"{RECIPE['name']} (EMA weights)")
+    for weights, mark in (("ema", "s-"), ("online", "^--")):
+        e = [r for r in rows if r["model"] == "ect" and r["weights"] == weights]
+        ax.plot([r["nfe"] for r in e], [r["fd"] for r in e], mark, label=f"{RECIPE['name']} ({weights} weights)")
     ax.set(xscale="log", yscale="log", xlabel="network evaluations (NFE)", ylabel="FD (classifier features)")
     ax.legend()
     fig.tight_layout()
@@ -187,17 +183,20 @@ def run_demo(out: Path, *, minutes: float | None = None, n: int = 1000, device=t
     ref = reference()                   # computed once per machine (cached), before the budget is sized
     t_cfg, tensors, _ = read_weights(shipped_teacher())
     teacher = student_from(tensors, t_cfg.net, "shipped teacher").to(device).eval()
-    D = student_from(tensors, replace(t_cfg.net, dropout=preset("fmnist", "tune").net.dropout), "shipped teacher")
+    D = student_from(tensors, replace(t_cfg.net, dropout=preset(RECIPE["preset"], "tune").net.dropout),
+                     "shipped teacher")
     ds = load_fashion_mnist(split="train")
     left = None if minutes is None else minutes - (time.perf_counter() - start) / 60
     cfg = tune_config(t_cfg.net, left, n, D, ds, device, steps)
-    log(f"demo: tuning the shipped teacher with {RECIPE['name']} (--method {cfg.loss.method}, "
-        f"ln t ~ N({cfg.loss.P_mean:g}, {cfg.loss.P_std:g}²)) for {cfg.steps} steps of batch {cfg.batch}"
+    log(f"demo: tuning the shipped teacher with {RECIPE['name']} (--preset {RECIPE['preset']}: --method "
+        f"{cfg.loss.method}, ln t ~ N({cfg.loss.P_mean:g}, {cfg.loss.P_std:g}²), EMA σ_rel {cfg.ema.sigma_rel:g}) "
+        f"for {cfg.steps} steps of batch {cfg.batch}"
         + (f" (sized to finish in {minutes:g} minutes)" if steps is None else ""))
     t0 = time.perf_counter()
     state = train_run(cfg, out / "tune", ds, D, device=device, progress=progress).state
     tune_seconds = time.perf_counter() - t0
-    models = {("teacher", "ema"): teacher, ("ect", "ema"): state.ema.module.eval()}
+    models = {("teacher", "ema"): teacher, ("ect", "ema"): state.ema.module.eval(),
+              ("ect", "online"): state.D.eval()}
     log(f"demo: evaluating {n} samples per row")
     rows, samples = evaluate(models, list(range(n)), cfg.sample.mid_ts, device, ref,
                              progress=lambda r: log(f"  {r['model']:7s} {r['weights']:6s} {r['sampler']:14s} "
@@ -221,7 +220,8 @@ def _claim_folder(out: Path) -> None:
 
 def _meta(cfg: RunConfig, device, n: int, tune_seconds: float, total_seconds: float) -> dict:
     return {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, device {device}",
-            "recipe": f"{RECIPE['name']} (--method {cfg.loss.method}, loss.P_mean={cfg.loss.P_mean:g})",
+            "recipe": f"{RECIPE['name']} (--preset {RECIPE['preset']}: --method {cfg.loss.method}, "
+                      f"loss.P_mean={cfg.loss.P_mean:g}, ema.sigma_rel={cfg.ema.sigma_rel:g})",
             "tune_steps": cfg.steps, "tune_batch": cfg.batch, "tune_images": cfg.steps * cfg.batch,
             "tune_seconds": tune_seconds, "teacher_images": 3840000, "num_samples": n,
             "mid_ts": list(cfg.sample.mid_ts), "metric": "FD, ectune Fashion-MNIST classifier features",
