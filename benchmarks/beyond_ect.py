@@ -11,6 +11,8 @@ the mid time searched on --n-search held-out seeds (ect_benchmark's search and g
     ect-pm06     exact ECT with ln t ~ N(-0.6, 2²)
     sct-pm06     both
     sct-pm06+tcm sct-pm06 for half the steps, then TCM's second stage (`--method tcm`) for the rest
+    sct-pm06-ema015  sct-pm06 with a power EMA of σ_rel 0.015 (the recipe of `--preset fmnist-short`,
+                 chosen by benchmarks/recipe_sweep.py on held-out seeds)
 
 With --curve 100,200,800 the recipes of --curve-recipes are also tuned for those step budgets (their
 own stage schedules, not earlier steps of the long run) and fd_vs_images.png plots FD against tuning
@@ -42,6 +44,7 @@ RECIPES = {
     "ect-pm06": ("ect", ["loss.P_mean=-0.6"]),
     "sct-pm06": ("sct", ["loss.P_mean=-0.6"]),
     "sct-pm06+tcm": ("tcm", []),            # sct-pm06 for half the steps, then TCM's second stage for the rest
+    "sct-pm06-ema015": ("sct", ["loss.P_mean=-0.6", "ema.sigma_rel=0.015"]),   # the fmnist-short preset's recipe
 }
 STAGE1 = {"sct-pm06+tcm": "sct-pm06"}
 
