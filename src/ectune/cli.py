@@ -299,12 +299,13 @@ def _presets_parser(sub) -> None:
 
 
 def _demo_parser(sub) -> None:
+    from .demo import DEMO_STEPS
     p = sub.add_parser("demo", help="tune the shipped Fashion-MNIST teacher and compare, in minutes")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--minutes", type=float, help="size the tuning budget to finish in this wall time "
-                   "(default: a fixed 355 steps, ~9.6 min on 2 CPU cores)")
+                   f"(default: a fixed {DEMO_STEPS} steps, ~8.5 min on 2 CPU cores)")
     p.add_argument("--n", type=int, default=1000, help="samples per evaluated row")
-    p.add_argument("--steps", type=int, help="tuning steps (default 355)")
+    p.add_argument("--steps", type=int, help=f"tuning steps (default {DEMO_STEPS})")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
