@@ -1,7 +1,7 @@
 """`ectune demo`: tune the shipped Fashion-MNIST teacher on a fixed budget with the recipe measured best
 for such budgets (the `fmnist-short` preset: ECT with the variance-reduced r-point, `--method sct`,
-ln t ~ N(−0.6, 2²) and a power EMA of σ_rel 0.015; benchmarks/recipe_sweep.py), then put the teacher (DPM-Solver++(2M) at 5, 9 and 17 NFE) and the tuned model (1/2 NFE)
-side by side on the same seeds, with numbers.
+ln t ~ N(−0.6, 2²) and a power EMA of σ_rel 0.015; benchmarks/recipe_sweep.py), then put the teacher
+(DPM-Solver++(2M) at 5, 9 and 17 NFE) and the tuned model (1/2 NFE) side by side on the same seeds.
 
 Writes into the output folder: tune/ (the ECT run), grid.png, report.json, report.md, quality_vs_nfe.png.
 """
@@ -71,7 +71,7 @@ def _forward_rate(D, device, batch: int = 250) -> float:
 
 def tune_config(teacher_net: NetConfig, minutes: float | None, n_eval: int, D, ds, device,
                 steps: int | None = None) -> RunConfig:
-    """The fmnist tune preset with a step budget that fits the time left after evaluation
+    """The fmnist-short tune preset with a step budget that fits the time left after evaluation
     (or exactly `steps` steps)."""
     cfg = preset(RECIPE["preset"], "tune")
     cfg = replace(cfg, teacher=str(shipped_teacher()), net=replace(teacher_net, dropout=cfg.net.dropout),
