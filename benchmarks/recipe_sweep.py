@@ -8,9 +8,9 @@ the choice.
 Run the same command in two shells to use two cores: each finished setting is cached (runs in --runs,
 rows in --out/rows) and a setting another process is tuning is skipped, then waited for at the end.
 Every setting tunes the shipped Fashion-MNIST teacher for --images images (--steps × --batch unless the
-setting changes the batch). 1- and 2-step samples of the averaged weights are scored on --n seeds from SWEEP_SEED0 (classifier FD
-against the test set), the mid time searched on other held-out seeds (bench.consistency_rows); the
-online weights are scored too, at the same mid time.
+setting changes the batch). 1- and 2-step samples of the averaged weights are scored on --n seeds
+from SWEEP_SEED0 (classifier FD against the test set), the mid time searched on other held-out seeds
+(bench.consistency_rows); the online weights are scored too, at the same mid time.
 Writes --out/results.json, --out/table.md and --out/recipe_sweep.png.
 """
 
@@ -49,13 +49,12 @@ SETTINGS = {                            # name: (overrides on top of BASE, batch
 }
 
 
-def tune_and_score(cache: RowCache, runs: Path, name: str, seed: int, args, ref) -> dict:
+def tune_and_score(cache: RowCache, runs: Path, name: str, seed: int, args, seeds, ref) -> dict:
     sets, batch = SETTINGS[name]
     batch = batch or args.batch
     steps = args.images // batch
     run = tune_run(runs / f"{name}-{steps}x{batch}-s{seed}", args.teacher, BASE[0], steps=steps, batch=batch,
                    seed=seed, overrides=[*BASE[1], *sets])
-    seeds = list(range(SWEEP_SEED0, SWEEP_SEED0 + args.n))
     row = consistency_rows(cache, run, f"{name}-s{seed}", seeds, ref, args.n_search)
     return {"2step_fd": row["2step"]["fd"], "1step_fd": row["1step"]["fd"], "mid_ts": row["mid_ts"],
             "train_seconds": row["train_seconds"], "steps": steps, "batch": batch, "overrides": sets}
@@ -123,14 +122,13 @@ def main() -> None:
         ap.error(f"unknown settings {sorted(unknown)}; choose from {', '.join(SETTINGS)}")
     torch.set_num_threads(args.threads)
     out, runs, cache = Path(args.out), Path(args.runs), RowCache(Path(args.out))
-    ref = reference()
+    ref, seeds = reference(), list(range(SWEEP_SEED0, SWEEP_SEED0 + args.n))
     todo = [(name, int(s)) for name in args.settings.split(",") for s in args.seeds.split(",")]
     for wait in (False, True):                  # first whatever no other process is doing, then the rest
         for name, seed in todo:
-            cache.get(f"setting-{name}-s{seed}", lambda: tune_and_score(cache, runs, name, seed, args, ref),
+            cache.get(f"setting-{name}-s{seed}", lambda: tune_and_score(cache, runs, name, seed, args, seeds, ref),
                       wait=wait)
     results: dict = {}
-    seeds = list(range(SWEEP_SEED0, SWEEP_SEED0 + args.n))
     for path in sorted(cache.root.glob("setting-*.json")):
         name, seed = path.stem[len("setting-"):].rsplit("-s", 1)
         if name in SETTINGS:

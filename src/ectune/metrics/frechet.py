@@ -165,7 +165,11 @@ def kid(feats1, feats2, num_subsets: int = 100, subset_size: int = 1000, seed: i
 def knn_radii(feats, k: int = 3, chunk: int = 1000) -> torch.Tensor:
     """Distance of each row of feats (N, D) to its k-th nearest other row: (N,) float64, the radii of
     the set's manifold in precision_recall (a reference's radii can be computed once: `real_radii`)."""
-    feats = torch.from_numpy(_as_features(feats, "feats"))
+    return _knn_radii(torch.from_numpy(_as_features(feats, "feats")), k, chunk)
+
+
+def _knn_radii(feats: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    """knn_radii of features already checked and in float64."""
     radii = []
     for i in range(0, len(feats), chunk):
         dist = torch.cdist(feats[i : i + chunk], feats)  # (c, N), includes the zero self-distance
@@ -197,10 +201,10 @@ def precision_recall(real_feats, fake_feats, k: int = 3, chunk: int = 1000, *,
     if not 1 <= k < min(len(real), len(fake)):
         raise EctuneError(f"k must be in [1, N) for both sets, got k={k} with {len(real)} real and {len(fake)} fake")
     if real_radii is None:
-        real_radii = knn_radii(real, k, chunk)
+        real_radii = _knn_radii(real, k, chunk)
     elif real_radii.shape != (len(real),):
         raise EctuneError(f"real_radii must hold one radius per real feature ({len(real)}), got shape "
                           f"{tuple(real_radii.shape)}; compute them with knn_radii(real_feats, k)")
     precision = _inside_manifold(fake, real, real_radii, chunk).double().mean()
-    recall = _inside_manifold(real, fake, knn_radii(fake, k, chunk), chunk).double().mean()
+    recall = _inside_manifold(real, fake, _knn_radii(fake, k, chunk), chunk).double().mean()
     return float(precision), float(recall)
