@@ -14,6 +14,9 @@ the mid time searched on --n-search held-out seeds (ect_benchmark's search and g
     sct-pm06-ema015  sct-pm06 with a power EMA of σ_rel 0.015 (the recipe of `--preset fmnist-short`,
                  chosen by benchmarks/recipe_sweep.py on held-out seeds)
 
+With --headline-n 10000 exact ECT and the best recipe (by mean 2-step FD at --n) are also scored on
+that many seeds (0, 1, ...; the same mid times), beside their --n rows.
+
 With --curve 100,200,800 the recipes of --curve-recipes are also tuned for those step budgets (their
 own stage schedules, not earlier steps of the long run) and fd_vs_images.png plots FD against tuning
 images, --curve-n samples per point.
@@ -73,28 +76,35 @@ def recipe_row(cache: RowCache, runs: Path, name: str, args, seed: int, steps: i
     return row
 
 
-def summarise(rows: dict, cost: dict) -> dict:
-    """Per recipe: mean and spread over seeds of the 1- and 2-step FD, and the iteration cost."""
+def summarise(rows: dict, cost: dict, headline: dict, n_big: int = 0) -> dict:
+    """Per recipe: mean and spread over seeds of the 1- and 2-step FD, and the iteration cost; for the
+    `headline` recipes the FD of each seed on their `n_big` samples too."""
     out = {}
     for name, per_seed in rows.items():
+        big = {f"{k}_fd_n{n_big}_seeds": [r[k]["fd"] for r in headline[name].values()]
+               for k in ("2step", "1step")} if name in headline else {}
         two = [r["2step"]["fd"] for r in per_seed.values()]
         one = [r["1step"]["fd"] for r in per_seed.values()]
         out[name] = {"2step_fd": float(np.mean(two)), "1step_fd": float(np.mean(one)),
                      "2step_fd_seeds": two, "1step_fd_seeds": one,
                      "mid_ts": {s: r["mid_ts"] for s, r in per_seed.items()},
                      "train_seconds": [r["train_seconds"] for r in per_seed.values()],
-                     "iter_over_edm_iter": cost[RECIPES[name][0]] / cost["edm"]}
+                     "iter_over_edm_iter": cost[RECIPES[name][0]] / cost["edm"], **big}
     return out
 
 
 def write_outputs(out: Path, summary: dict, args) -> None:
     (out / "results.json").write_text(json.dumps({"command": vars(args), "recipes": summary}, indent=1))
-    lines = ["| recipe | 2-step FD (seeds) | 1-step FD (seeds) | iteration / EDM iteration |", "|---|---|---|---|"]
+    big = f"n{args.headline_n}"
+    lines = [f"| recipe | 2-step FD (seeds) | 1-step FD (seeds) | iteration / EDM iteration | "
+             f"2-step / 1-step FD, {args.headline_n} samples (seeds) |", "|---|---|---|---|---|"]
     for name, r in summary.items():
         two = " / ".join(f"{v:.1f}" for v in r["2step_fd_seeds"])
         one = " / ".join(f"{v:.1f}" for v in r["1step_fd_seeds"])
+        head = (" / ".join(f"{v:.1f}" for v in r[f"2step_fd_{big}_seeds"]) + " ; " +
+                " / ".join(f"{v:.1f}" for v in r[f"1step_fd_{big}_seeds"])) if f"2step_fd_{big}_seeds" in r else "—"
         lines.append(f"| {name} | {r['2step_fd']:.1f} ({two}) | {r['1step_fd']:.1f} ({one}) | "
-                     f"{r['iter_over_edm_iter']:.2f} |")
+                     f"{r['iter_over_edm_iter']:.2f} | {head} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     best = min(summary, key=lambda n: summary[n]["2step_fd"])
@@ -104,6 +114,8 @@ def write_outputs(out: Path, summary: dict, args) -> None:
         key = name.replace("-", "_")
         keys.update({f"{key}_2step_fd": r["2step_fd"], f"{key}_1step_fd": r["1step_fd"],
                      f"{key}_iter_over_edm_iter": r["iter_over_edm_iter"]})
+        keys.update({f"{key}_{k}_fd_{big}": float(np.mean(r[f"{k}_fd_{big}_seeds"]))
+                     for k in ("2step", "1step") if f"{k}_fd_{big}_seeds" in r})
     keys["best_method"] = best
     keys["beyond_ect_budget_images"] = args.steps * args.batch
     path.write_text(json.dumps(keys, indent=1))
@@ -164,6 +176,8 @@ def main() -> None:
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--n-search", type=int, default=500)
+    ap.add_argument("--headline-n", type=int, default=0, help="also score exact ECT and the best recipe on this "
+                    "many samples (e.g. 10000)")
     ap.add_argument("--curve", default="", help="more step budgets (e.g. 100,200,800) for the plot of FD against "
                     "tuning images, beside --steps")
     ap.add_argument("--curve-recipes", default="ect,sct-pm06", help="the recipes of that plot")
@@ -188,12 +202,19 @@ def main() -> None:
     curve = {name: {steps: {seed: recipe_row(cache, runs, name, args, seed, steps, curve_seeds, ref)
                             for seed in tuning_seeds} for steps in sorted({*budgets, args.steps})}
              for name in args.curve_recipes.split(",") if budgets}
+    headline = {}
+    if args.headline_n:
+        mean_two = {name: np.mean([r["2step"]["fd"] for r in per_seed.values()]) for name, per_seed in rows.items()}
+        big = list(range(args.headline_n))
+        for name in dict.fromkeys(n for n in ("ect", min(mean_two, key=mean_two.get)) if n in rows):
+            headline[name] = {seed: recipe_row(cache, runs, name, args, seed, args.steps, big, ref)
+                              for seed in tuning_seeds}
     if args.no_cost:
         return
     methods = ["edm", *sorted({RECIPES[n][0] for n in rows})]
     cost = cache.get(f"iter-{'-'.join(methods)}-b{args.batch}",
                      lambda: iteration_seconds(args.teacher, methods, args.batch))
-    write_outputs(out, summarise(rows, cost), args)
+    write_outputs(out, summarise(rows, cost, headline, args.headline_n), args)
     if budgets:
         write_curve(out, curve, args)
 

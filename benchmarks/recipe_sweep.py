@@ -46,6 +46,10 @@ SETTINGS = {                            # name: (overrides on top of BASE, batch
     "ema0.015": (["ema.sigma_rel=0.015"], None),
     "lr2e-4-ema0.025": (["optim.lr=2e-4", "ema.sigma_rel=0.025"], None),
     "pmean-0.2-ema0.025": (["loss.P_mean=-0.2", "ema.sigma_rel=0.025"], None),
+    "pstd2.4-ema0.015": (["loss.P_std=2.4", "ema.sigma_rel=0.015"], None),      # the two best single changes
+    "pmean-0.2-pstd2.4-ema0.015": (["loss.P_mean=-0.2", "loss.P_std=2.4", "ema.sigma_rel=0.015"], None),
+    "pmean-0.2-ema0.015": (["loss.P_mean=-0.2", "ema.sigma_rel=0.015"], None),
+    "pmean-0.2-pstd2.4": (["loss.P_mean=-0.2", "loss.P_std=2.4"], None),
 }
 
 

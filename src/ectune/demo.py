@@ -98,7 +98,7 @@ def _rows_to_run(mid_ts) -> list[tuple]:
     sampling of both the averaged and the online tuned weights (at these budgets neither is reliably
     the better: benchmarks/recipe_sweep.py)."""
     rows = [("teacher", "ema", sampler) for sampler in TEACHER_SAMPLERS]
-    return rows + [("ect", weights, Sampler.consistency(default_consistency_times(k, mid_ts)))
+    return rows + [("tuned", weights, Sampler.consistency(default_consistency_times(k, mid_ts)))
                    for weights in ("ema", "online") for k in (1, 2)]
 
 
@@ -123,7 +123,7 @@ def evaluate(models: dict, seeds: list[int], mid_ts, device, ref, progress=None)
 def comparison_grid(samples: dict, path: Path) -> None:
     """Rows: the teacher's DPM-Solver++ at 17 and 5 NFE, tuned 1-step, tuned 2-step, each on seeds 0..9."""
     order = [("teacher DPM++ 17 NFE", ("teacher", "ema", 17)), ("teacher DPM++ 5 NFE", ("teacher", "ema", 5)),
-             (f"{RECIPE['name']} 1 step", ("ect", "ema", 1)), (f"{RECIPE['name']} 2 steps", ("ect", "ema", 2))]
+             (f"{RECIPE['name']} 1 step", ("tuned", "ema", 1)), (f"{RECIPE['name']} 2 steps", ("tuned", "ema", 2))]
     strips = [grid_image(to_uint8(samples[key]), cols=10) for _, key in order]
     label_w, (w, h) = 150, strips[0].size
     canvas = Image.new("L", (label_w + w, h * len(strips)), 255)
@@ -160,7 +160,7 @@ def _plot(path: Path, rows: list[dict]) -> None:
     t = [r for r in rows if r["model"] == "teacher"]
     ax.plot([r["nfe"] for r in t], [r["fd"] for r in t], "o-", label="teacher (DPM-Solver++(2M))")
     for weights, mark in (("ema", "s-"), ("online", "^--")):
-        e = [r for r in rows if r["model"] == "ect" and r["weights"] == weights]
+        e = [r for r in rows if r["model"] == "tuned" and r["weights"] == weights]
         ax.plot([r["nfe"] for r in e], [r["fd"] for r in e], mark, label=f"{RECIPE['name']} ({weights} weights)")
     ax.set(xscale="log", yscale="log", xlabel="network evaluations (NFE)", ylabel="FD (classifier features)")
     ax.legend()
@@ -195,8 +195,8 @@ def run_demo(out: Path, *, minutes: float | None = None, n: int = 1000, device=t
     t0 = time.perf_counter()
     state = train_run(cfg, out / "tune", ds, D, device=device, progress=progress).state
     tune_seconds = time.perf_counter() - t0
-    models = {("teacher", "ema"): teacher, ("ect", "ema"): state.ema.module.eval(),
-              ("ect", "online"): state.D.eval()}
+    models = {("teacher", "ema"): teacher, ("tuned", "ema"): state.ema.module.eval(),
+              ("tuned", "online"): state.D.eval()}
     log(f"demo: evaluating {n} samples per row")
     rows, samples = evaluate(models, list(range(n)), cfg.sample.mid_ts, device, ref,
                              progress=lambda r: log(f"  {r['model']:7s} {r['weights']:6s} {r['sampler']:14s} "
