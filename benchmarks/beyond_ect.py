@@ -13,6 +13,9 @@ the mid time searched on --n-search held-out seeds (ect_benchmark's search and g
     sct-pm06+tcm sct-pm06 for half the steps, then TCM's second stage (`--method tcm`) for the rest
     sct-pm06-ema015  sct-pm06 with a power EMA of σ_rel 0.015 (the recipe of `--preset fmnist-short`,
                  chosen by benchmarks/recipe_sweep.py on held-out seeds)
+    cmt          consistency mid-training alone (`--method cmt`: the teacher's 9-level DPM-Solver++
+                 trajectories, each point regressed onto the trajectory's end), σ_rel 0.015
+    cmt+sct-pm06-ema015  cmt for a quarter of the steps, then sct-pm06-ema015 from it for the rest
 
 With --headline-n 10000 exact ECT and the best recipe (by mean 2-step FD at --n) are also scored on
 that many seeds (0, 1, ...; the same mid times), beside their --n rows.
@@ -48,20 +51,24 @@ RECIPES = {
     "sct-pm06": ("sct", ["loss.P_mean=-0.6"]),
     "sct-pm06+tcm": ("tcm", []),            # sct-pm06 for half the steps, then TCM's second stage for the rest
     "sct-pm06-ema015": ("sct", ["loss.P_mean=-0.6", "ema.sigma_rel=0.015"]),   # the fmnist-short preset's recipe
+    "cmt": ("cmt", ["ema.sigma_rel=0.015"]),  # consistency mid-training alone (the first stage below)
+    "cmt+sct-pm06-ema015": ("sct", ["loss.P_mean=-0.6", "ema.sigma_rel=0.015"]),   # CMT for a quarter, then SCT
 }
-STAGE1 = {"sct-pm06+tcm": "sct-pm06"}
+STAGE1 = {"sct-pm06+tcm": ("sct-pm06", 2), "cmt+sct-pm06-ema015": ("cmt", 4)}   # (first stage, 1/its share)
 
 
 def tune_recipe(runs: Path, name: str, args, seed: int, steps: int) -> tuple[Path, Path | None]:
-    """The recipe's run of `steps` on `seed` (and its stage-1 run, for a two-stage recipe: each half the steps)."""
+    """The recipe's run of `steps` on `seed` (and, for a two-stage recipe, its first-stage run of its
+    share of the steps; the second stage has the rest)."""
     method, sets = RECIPES[name]
     if name not in STAGE1:
         return tune_run(runs / f"{name}-{steps}-s{seed}", args.teacher, method, steps=steps,
                         batch=args.batch, seed=seed, overrides=sets), None
-    first, half = STAGE1[name], steps // 2
-    stage1 = tune_run(runs / f"{first}-{half}-s{seed}", args.teacher, RECIPES[first][0], steps=half,
+    first, parts = STAGE1[name]
+    part = steps // parts
+    stage1 = tune_run(runs / f"{first}-{part}-s{seed}", args.teacher, RECIPES[first][0], steps=part,
                       batch=args.batch, seed=seed, overrides=RECIPES[first][1])
-    return tune_run(runs / f"{name}-{steps}-s{seed}", str(stage1), method, steps=steps - half,
+    return tune_run(runs / f"{name}-{steps}-s{seed}", str(stage1), method, steps=steps - part,
                     batch=args.batch, seed=seed, overrides=sets), stage1
 
 

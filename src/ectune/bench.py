@@ -161,7 +161,7 @@ def train_seconds(run: Path) -> float:
 def iteration_seconds(teacher: str, methods, batch: int, reps: int = 12, shape=(1, 28, 28)) -> dict:
     """Median seconds of one training iteration per method ("edm" = pretraining) on the teacher's network
     (TCM: the truncated pair of two copies), the methods' iterations interleaved so that a drift of the
-    machine's speed affects them alike."""
+    machine's speed affects them alike; CD and CMT with the frozen teacher."""
     import contextlib
 
     from .checkpoint import read_weights
@@ -179,7 +179,8 @@ def iteration_seconds(teacher: str, methods, batch: int, reps: int = 12, shape=(
             net = replace(t_cfg.net, truncate_t=T_PRIME if tcm else 0.0)
             cfg = replace(base, batch=batch, net=net, loss=replace(base.loss, method=m))
             D = student_from(tensors, net, str(teacher)).train()
-            steps[m] = stack.enter_context(stepping(cfg, D, images, device=torch.device("cpu")))
+            frozen = student_from(tensors, t_cfg.net, str(teacher)) if METHODS[m].frozen_teacher else None
+            steps[m] = stack.enter_context(stepping(cfg, D, images, device=torch.device("cpu"), teacher=frozen))
         times = {m: [] for m in methods}
         for _ in range(reps + 2):
             for m, step in steps.items():

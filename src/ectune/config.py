@@ -75,6 +75,7 @@ class LossConfig:
     tcm_df: float = 0.01                    # TCM: ln t ~ Student-t(df)(P_mean, P_std) truncated to [ln t', ln 80]
     tcm_boundary: float = 0.25              # TCM: share of each batch at t = t' (the boundary rows) ...
     tcm_w_boundary: float = 0.1             # ... and the weight of their mean loss beside the others' mean
+    cmt_steps: int = 9                      # CMT: DPM-Solver++(2M) levels (= NFE) of the teacher's trajectories
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ _AT_LEAST = {"batch": 1, "steps": 1, "ckpt_every": 1, "sample_every": 1, "log_ev
              "max_nonfinite": 1, "net.model_channels": 1, "net.channel_mult_emb": 1, "net.num_blocks": 1,
              "net.img_resolution": 1, "net.in_channels": 1, "net.label_dim": 0, "loss.stages": 1,
              "loss.stage_iters": 0, "loss.sct_refs": 0, "loss.tcm_stage": 0, "loss.dt_floor": 0, "loss.tcm_w_boundary": 0,
-             "net.truncate_t": 0, "optim.lr": 0, "optim.warmup_steps": 0, "optim.lr_ref_steps": 0,
+             "loss.cmt_steps": 2, "net.truncate_t": 0, "optim.lr": 0, "optim.warmup_steps": 0, "optim.lr_ref_steps": 0,
              "sample.heun_steps": 1, "sample.grid": 1, "eval.every_kimg": 0, "eval.n": 2}
 
 

@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from .errors import EctuneError
 from .rng import replayed, rng_state
 
 Denoiser = Callable[..., torch.Tensor]
@@ -185,3 +186,38 @@ def cd_loss(D: Denoiser, teacher: Denoiser, x0: torch.Tensor, t: torch.Tensor, r
     online, target = consistency_pair(D, x_t, t, x_r, r, class_labels=class_labels)
     d = pseudo_huber(_sum_pixels((online - target) ** 2), c)
     return ect_weight(t, r, weighting, sigma_data) * d
+
+
+def cmt_trajectories(teacher: Denoiser, noise: torch.Tensor, sigmas: torch.Tensor, *,
+                     class_labels=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's DPM-Solver++(2M) trajectories from σ_0·noise on `sigmas` (positive levels, then 0):
+    (states (G, M, C, H, W) at the first M = len(sigmas) − 2 levels — every positive level but the
+    last, σ_min, where the consistency model is the identity — and the endpoints (G, C, H, W)). float64."""
+    from .sampling import sample_dpmpp_2m
+    states: list[torch.Tensor] = []
+    end = sample_dpmpp_2m(teacher, noise.double() * float(sigmas[0]), sigmas.tolist(), class_labels=class_labels,
+                          states=states)
+    return torch.stack(states[:len(sigmas) - 2], dim=1), end.double()
+
+
+def cmt_loss(D: Denoiser, teacher: Denoiser, t: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, *,
+             c: float = 0.0, class_labels=None) -> torch.Tensor:
+    """Consistency mid-training (CMT, Hu, Lai, Mitsufuji & Ermon 2025), (B,): the student maps every
+    point of a teacher's ODE trajectory straight to the trajectory's end, d(D(x̂_{t_i}, t_i), x̂_0),
+    with ECT's distance √(‖·‖² + c²) − c on the pixel sum and equal weight for every point.
+
+    The B rows are B / M trajectories of M = len(sigmas) − 2 consecutive rows: trajectory g starts from
+    noise[g·M] (and class_labels[g·M]); row g·M + i is its state at t_i = sigmas[i], which `t` must
+    hold. The trajectories cost (B / M)·(M + 1) teacher calls: about one per row."""
+    m = len(sigmas) - 2
+    if m < 1 or len(t) % m or not torch.equal(t.double().reshape(-1, m), sigmas[:m].to(t).double().expand(len(t) // m, m)):
+        raise EctuneError(f"CMT rows come in trajectories of {m} points at the levels {sigmas[:m].tolist()}: "
+                          f"use a batch (per process and micro-batch) that is a multiple of {m}, or set "
+                          "loss.cmt_steps so that (loss.cmt_steps − 1) divides it")
+    labels = None if class_labels is None else class_labels[::m]
+    with torch.no_grad():
+        states, end = cmt_trajectories(teacher, noise[::m], sigmas, class_labels=labels)
+    x_t = states.reshape(-1, *noise.shape[1:]).to(noise.dtype)
+    online = _call(D, x_t, t, class_labels)
+    target = end.to(online.dtype).repeat_interleave(m, dim=0)
+    return pseudo_huber(_sum_pixels((online - target) ** 2), c)

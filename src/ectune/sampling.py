@@ -56,7 +56,8 @@ def sample_heun(D: Denoiser, x: torch.Tensor, sigmas: Sequence[float], *, class_
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(D: Denoiser, x: torch.Tensor, sigmas: Sequence[float], *, class_labels=None) -> torch.Tensor:
+def sample_dpmpp_2m(D: Denoiser, x: torch.Tensor, sigmas: Sequence[float], *, class_labels=None,
+                    states: list | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): multistep second order in data prediction.
 
     On EDM's PF-ODE x_σ = x0 + σε, so α = 1, λ = −log σ and h_i = λ_{i+1} − λ_i = log(σ_i / σ_{i+1}).
@@ -67,9 +68,12 @@ def sample_dpmpp_2m(D: Denoiser, x: torch.Tensor, sigmas: Sequence[float], *, cl
     where D̂_0 = D_0 (first order, the DDIM step) and, later, with r_i = h_{i−1} / h_i,
     D̂_i = (1 + 1/(2 r_i))·D_i − 1/(2 r_i)·D_{i−1}. The last step, to σ = 0, has h = ∞ and
     e^{−h} = 0: it returns the data prediction D(x, σ_{N−1}) itself. One D call per positive level.
+    A list `states` receives x_i (float64) at every positive level σ_i: the trajectory (CMT's inputs).
     """
     d_prev, h_prev = None, None
     for s_cur, s_next in pairwise(float(s) for s in sigmas):
+        if states is not None:
+            states.append(x.to(torch.float64))
         d = _denoise(D, x, s_cur, class_labels)                            # D_i
         if s_next == 0:                                                     # h = ∞: x = D_i
             x = d

@@ -134,10 +134,16 @@ def _base_of_teacher(method_name: str | None, teacher: str, preset_name: str | N
     method_name = method_name or base.loss.method
     # (a run already in `out` is continued as it was created; for CD, runs refuses another teacher)
     m = method(method_name)
-    if m.start == "teacher" and t_cfg.kind != m.teacher_kind and not (Path(out) / "config.json").is_file():
+    if m.start == "teacher" and t_cfg.kind != m.teacher_kind and not (Path(out) / "config.json").is_file() \
+            and not _continues_mid_training(m, t_cfg):
         raise EctuneError(_WRONG_TEACHER[m.teacher_kind].format(teacher=teacher, method=method_name))
     return TuneBase(replace(base, data=t_cfg.data, teacher=str(teacher), net=student_net(t_cfg.net, base.net)),
                     tensors=tensors, teacher_cfg=t_cfg), method_name
+
+
+def _continues_mid_training(m, t_cfg: RunConfig) -> bool:
+    """A CMT run is where ECT-style tuning starts (its weights, not a frozen solver): ECT, SCT."""
+    return t_cfg.loss.method == "cmt" and m.teacher_kind == "pretrain" and not m.frozen_teacher
 
 
 # What a teacher of the other kind is told, by the kind of teacher the method starts from.

@@ -38,7 +38,7 @@ def check_trainable(cfg: RunConfig, D: torch.nn.Module, n_items: int, device: to
     autocast_dtype(cfg.engine.precision, device)
     make_optimizer(cfg, D.parameters())                     # (no state until its first step)
     BatchSampler(n_items, cfg.batch, cfg.seed, rank=distributed.rank(), world_size=distributed.world_size())
-    method(cfg.loss.method)
+    method(cfg.loss.method).check(cfg, distributed.world_size())
     check_eval(cfg)
 
 
@@ -170,13 +170,13 @@ def engine_scope(cfg: RunConfig, device: torch.device):
 
 @contextlib.contextmanager
 def stepping(cfg: RunConfig, D: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None, *,
-             device: torch.device):
+             device: torch.device, teacher: torch.nn.Module | None = None):
     """Full training iterations outside a run folder, one per call of the function this yields: draw,
     forward and target, backward, then the optimizer step and the EMA, as in a run (in its engine
-    settings), on uint8 `images` already on `device`. The function returns the iteration's mean loss.
-    For timing and checks (benchmarks/gpu_check.py, ectune.bench)."""
+    settings), on uint8 `images` already on `device`, with the frozen `teacher` of CD and CMT. The
+    function returns the iteration's mean loss. For timing and checks (benchmarks/gpu_check.py, ectune.bench)."""
     with engine_scope(cfg, device):
-        s = new_state(cfg, D, len(images), device)
+        s = new_state(cfg, D, len(images), device, teacher=teacher)
         s.model = wrap_model(cfg, s.D, device)
         amp = autocast_dtype(cfg.engine.precision, device)
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 from ..errors import EctuneError
 from .base import Draws, Method
 from .cd import CD
+from .cmt import CMT
 from .ect import ECT
 from .edm import EDM
 from .ict import ICT
 from .sct import SCT
 from .tcm import TCM
 
-METHODS: dict[str, Method] = {m.name: m for m in (EDM, ECT, SCT, ICT, CD, TCM)}
+METHODS: dict[str, Method] = {m.name: m for m in (EDM, ECT, SCT, ICT, CD, TCM, CMT)}
 TUNE_METHODS = tuple(name for name, m in METHODS.items() if m.kind == "tune")
 
 

@@ -61,6 +61,10 @@ def _unchanged(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def _no_check(cfg: RunConfig, world: int) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Method:
     """One training method: an entry of `ectune.methods.METHODS`.
@@ -72,7 +76,9 @@ class Method:
     "tune": TCM's stage-1 consistency model); `frozen_teacher` keeps the teacher as CD's ODE solver.
     `recipe(cfg, teacher_cfg)` turns a tune preset (on the teacher's network; teacher_cfg None without
     a teacher) into this method's own settings (iCT's schedule and weighting, TCM's stage 2);
-    `freeze` fixes, when a run is created, the schedule lengths that would otherwise follow --steps."""
+    `freeze` fixes, when a run is created, the schedule lengths that would otherwise follow --steps;
+    `check(cfg, world)` raises EctuneError for a config the method cannot train on `world` processes
+    (before a run folder is made)."""
     name: str
     help: str
     times: Times
@@ -83,6 +89,7 @@ class Method:
     references: Callable[[RunConfig], int] = lambda cfg: 0
     recipe: Callable[[RunConfig, RunConfig | None], RunConfig] = lambda cfg, teacher: cfg
     freeze: Callable[[RunConfig], RunConfig] = _unchanged
+    check: Callable[[RunConfig, int], None] = _no_check
 
     @property
     def kind(self) -> str:

@@ -51,9 +51,9 @@ def recipe(cfg, teacher):
     ends long after Δt/t reached that limit, so its stage 2 runs at stage 1's final Δt/t throughout,
     which is what holding the last stage gives after short stage-1 runs too. (Counting on after a
     200-step stage 1 took Δt/t to the floor at once and made 1-step samples worse than stage 1's.)"""
-    if teacher is None or teacher.net.truncate_t > 0:       # (a diffusion teacher is refused by its kind)
+    if teacher is None or teacher.net.truncate_t > 0 or teacher.loss.method == "cmt":   # (diffusion: by its kind)
         raise EctuneError("--method tcm trains the second stage of a consistency model: pass --teacher the "
-                          "stage-1 tune run (ECT, SCT, iCT or CD; not a TCM run)")
+                          "stage-1 tune run (ECT, SCT, iCT or CD; not a TCM or CMT run)")
     loss = replace(cfg.loss, P_mean=0.0, P_std=0.2, tcm_df=0.01, tcm_boundary=0.25, tcm_w_boundary=0.1,
                    dt_floor=1e-3, tcm_stage=_last_stage(teacher))
     return replace(cfg, net=replace(cfg.net, truncate_t=T_PRIME), loss=loss,
