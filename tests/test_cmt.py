@@ -70,6 +70,23 @@ def test_cmt_loss_is_the_distance_from_each_state_to_its_trajectorys_end(c):
     assert D.a.grad is not None and D.a.grad != 0
 
 
+def test_a_conditional_trajectory_and_all_its_rows_take_its_first_rows_class():
+    sig, m = karras_sigmas(4), 3
+    seen = []
+
+    def teacher(x, sigma, labels):
+        seen.append(labels.clone())
+        return gauss_denoiser(x, sigma) + labels.argmax(1).reshape(-1, 1, 1, 1).to(x.dtype)
+
+    def student(x, sigma, labels):
+        seen.append(labels.clone())
+        return x * 0.5
+    labels = torch.eye(4)[[0, 1, 2, 3, 1, 0]]                   # one-hot, two trajectories
+    cmt_loss(student, teacher, sig[:m].float().repeat(2), torch.randn(6, 1, 2, 2), sig, class_labels=labels)
+    assert all(torch.equal(x, labels[[0, 3]]) for x in seen[:-1])                       # the teacher's calls
+    assert torch.equal(seen[-1], labels[[0, 0, 0, 3, 3, 3]])                            # the student's
+
+
 def test_cmt_refuses_rows_that_are_not_whole_trajectories():
     sig = karras_sigmas(5)
     with pytest.raises(EctuneError, match="multiple of 4"):

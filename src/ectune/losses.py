@@ -207,8 +207,8 @@ def cmt_loss(D: Denoiser, teacher: Denoiser, t: torch.Tensor, noise: torch.Tenso
     with ECT's distance √(‖·‖² + c²) − c on the pixel sum and equal weight for every point.
 
     The B rows are B / M trajectories of M = len(sigmas) − 2 consecutive rows: trajectory g starts from
-    noise[g·M] (and class_labels[g·M]); row g·M + i is its state at t_i = sigmas[i], which `t` must
-    hold. The trajectories cost (B / M)·(M + 1) teacher calls: about one per row."""
+    noise[g·M], of class class_labels[g·M] (for all its rows); row g·M + i is its state at
+    t_i = sigmas[i], which `t` must hold. The trajectories cost (B / M)·(M + 1) teacher calls: about one per row."""
     m = len(sigmas) - 2
     if m < 1 or len(t) % m or not torch.equal(t.double().reshape(-1, m), sigmas[:m].to(t).double().expand(len(t) // m, m)):
         raise EctuneError(f"CMT rows come in trajectories of {m} points at the levels {sigmas[:m].tolist()}: "
@@ -218,6 +218,6 @@ def cmt_loss(D: Denoiser, teacher: Denoiser, t: torch.Tensor, noise: torch.Tenso
     with torch.no_grad():
         states, end = cmt_trajectories(teacher, noise[::m], sigmas, class_labels=labels)
     x_t = states.reshape(-1, *noise.shape[1:]).to(noise.dtype)
-    online = _call(D, x_t, t, class_labels)
+    online = _call(D, x_t, t, None if labels is None else labels.repeat_interleave(m, dim=0))
     target = end.to(online.dtype).repeat_interleave(m, dim=0)
     return pseudo_huber(_sum_pixels((online - target) ** 2), c)
