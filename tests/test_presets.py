@@ -13,6 +13,11 @@ def test_cifar10_is_the_papers_recipe():
     assert (c.optim.name, c.optim.lr, c.optim.betas, c.ema.kind, c.ema.beta) == ("radam", 1e-4, (0.9, 0.999), "fixed", 0.9999)
     assert (c.loss.P_mean, c.loss.P_std, c.loss.weighting, c.sample.mid_ts) == (-1.1, 2.0, "inv_dt", (0.821,))
     assert c.stage_length * 8 == c.steps
+    for kind in ("tune", "pretrain"):             # the official code's --fp16 False --tf32 False
+        for name in ("cifar10", "cifar10-fast"):
+            e = preset(name, kind).engine
+            assert (e.precision, e.tf32) == ("fp32", False)
+    assert preset("fmnist", "tune").engine.precision == "auto"        # elsewhere the default stays
 
 
 def test_cifar10_fast_uses_q256_from_the_first_iteration():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .config import EMAConfig, EvalConfig, LossConfig, NetConfig, OptimConfig, RunConfig, SampleConfig
+from .config import EMAConfig, EngineConfig, EvalConfig, LossConfig, NetConfig, OptimConfig, RunConfig, SampleConfig
 from .errors import EctuneError
 
 
@@ -84,9 +84,12 @@ def _imagenet64_presets() -> dict[str, dict]:
 def _cifar10_presets() -> dict[str, dict]:
     """CIFAR-10 on EDM's DDPM++ (55.7M): "cifar10", ECT.md §7 (batch 128, q = 2, 8 stages of 25k
     iterations), and "cifar10-fast", ECT.md §4.2 (q = 256 from the first iteration, one stage, EMA
-    0.9993). Both pretrain as EDM did and tune with dropout 0.2."""
+    0.9993). Both pretrain as EDM did and tune with dropout 0.2, in the official code's precision: fp32
+    with TF32 off (its --fp16 and --tf32 default to False; bf16's 2⁻⁸ resolution is the size of the last
+    stage's Δt/t = n(t)/256). `--set engine.precision=bf16` or `engine.tf32=true` opts in to faster ones."""
     net = _net("ddpmpp", img_resolution=32, in_channels=3)
     common = dict(net=net, batch=128, steps=200000, ckpt_every=5000, sample_every=10000,
+                  engine=EngineConfig(precision="fp32", tf32=False),
                   sample=SampleConfig(mid_ts=(0.821,)),
                   pretrain=dict(batch=512, steps=390625, optim=OptimConfig(lr=1e-3, warmup_steps=19531),
                                 ema=EMAConfig(kind="fixed", beta=0.999)))
