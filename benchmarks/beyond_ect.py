@@ -4,7 +4,8 @@
 
 Every recipe tunes the shipped Fashion-MNIST teacher for the same images (--steps × --batch) on each
 seed; 1- and 2-step samples are scored on the same --n seeds (classifier FD against the test set),
-the mid time searched on --n-search held-out seeds (ect_benchmark's search and grid). Recipes:
+the mid time searched on --n-search held-out seeds (ect_benchmark's search and grid); a second 2-step
+row uses CTM's γ-sampling, mid time and γ searched together on the same held-out seeds. Recipes:
 
     ect          exact ECT (`--method ect`, the fmnist tune preset)
     sct          the variance-reduced r-point (`--method sct`, 512 reference images per iteration)
@@ -75,7 +76,7 @@ def tune_recipe(runs: Path, name: str, args, seed: int, steps: int) -> tuple[Pat
 def recipe_row(cache: RowCache, runs: Path, name: str, args, seed: int, steps: int, seeds, ref) -> dict:
     """1- and 2-step rows of the recipe's run of `steps` on `seed` (images and seconds of both stages)."""
     run, stage1 = tune_recipe(runs, name, args, seed, steps)
-    row = consistency_rows(cache, run, f"{name}-{steps}-s{seed}", seeds, ref, args.n_search)
+    row = consistency_rows(cache, run, f"{name}-{steps}-s{seed}", seeds, ref, args.n_search, gamma=True)
     if stage1 is not None:
         cfg = read_config(stage1 / "config.json")
         row = {**row, "images": row["images"] + cfg.steps * cfg.batch,
@@ -89,11 +90,14 @@ def summarise(rows: dict, cost: dict, headline: dict, n_big: int = 0) -> dict:
     out = {}
     for name, per_seed in rows.items():
         big = {f"{k}_fd_n{n_big}_seeds": [r[k]["fd"] for r in headline[name].values()]
-               for k in ("2step", "1step")} if name in headline else {}
+               for k in ("2step", "2step_gamma", "1step")} if name in headline else {}
         two = [r["2step"]["fd"] for r in per_seed.values()]
         one = [r["1step"]["fd"] for r in per_seed.values()]
+        two_g = [r["2step_gamma"]["fd"] for r in per_seed.values()]
         out[name] = {"2step_fd": float(np.mean(two)), "1step_fd": float(np.mean(one)),
                      "2step_fd_seeds": two, "1step_fd_seeds": one,
+                     "2step_gamma_fd": float(np.mean(two_g)), "2step_gamma_fd_seeds": two_g,
+                     "gamma": {s: [r["gamma"], r["gamma_mid_ts"]] for s, r in per_seed.items()},
                      "mid_ts": {s: r["mid_ts"] for s, r in per_seed.items()},
                      "train_seconds": [r["train_seconds"] for r in per_seed.values()],
                      "iter_over_edm_iter": cost[RECIPES[name][0]] / cost["edm"], **big}
@@ -103,14 +107,18 @@ def summarise(rows: dict, cost: dict, headline: dict, n_big: int = 0) -> dict:
 def write_outputs(out: Path, summary: dict, args) -> None:
     (out / "results.json").write_text(json.dumps({"command": vars(args), "recipes": summary}, indent=1))
     big = f"n{args.headline_n}"
-    lines = [f"| recipe | 2-step FD (seeds) | 1-step FD (seeds) | iteration / EDM iteration | "
-             f"2-step / 1-step FD, {args.headline_n} samples (seeds) |", "|---|---|---|---|---|"]
+    lines = [f"| recipe | 2-step FD (seeds) | 2-step FD, γ-sampling (seeds; γ) | 1-step FD (seeds) | "
+             f"iteration / EDM iteration | 2-step ; γ 2-step ; 1-step FD, {args.headline_n} samples (seeds) |",
+             "|---|---|---|---|---|---|"]
     for name, r in summary.items():
         two = " / ".join(f"{v:.1f}" for v in r["2step_fd_seeds"])
+        two_g = " / ".join(f"{v:.1f}" for v in r["2step_gamma_fd_seeds"])
+        gammas = " / ".join(f"{g:g}" for g, _ in r["gamma"].values())
         one = " / ".join(f"{v:.1f}" for v in r["1step_fd_seeds"])
-        head = (" / ".join(f"{v:.1f}" for v in r[f"2step_fd_{big}_seeds"]) + " ; " +
-                " / ".join(f"{v:.1f}" for v in r[f"1step_fd_{big}_seeds"])) if f"2step_fd_{big}_seeds" in r else "—"
-        lines.append(f"| {name} | {r['2step_fd']:.1f} ({two}) | {r['1step_fd']:.1f} ({one}) | "
+        head = " ; ".join(" / ".join(f"{v:.1f}" for v in r[f"{k}_fd_{big}_seeds"])
+                          for k in ("2step", "2step_gamma", "1step")) if f"2step_fd_{big}_seeds" in r else "—"
+        lines.append(f"| {name} | {r['2step_fd']:.1f} ({two}) | {r['2step_gamma_fd']:.1f} ({two_g}; {gammas}) | "
+                     f"{r['1step_fd']:.1f} ({one}) | "
                      f"{r['iter_over_edm_iter']:.2f} | {head} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -120,9 +128,10 @@ def write_outputs(out: Path, summary: dict, args) -> None:
     for name, r in summary.items():
         key = name.replace("-", "_")
         keys.update({f"{key}_2step_fd": r["2step_fd"], f"{key}_1step_fd": r["1step_fd"],
+                     f"{key}_2step_gamma_fd": r["2step_gamma_fd"],
                      f"{key}_iter_over_edm_iter": r["iter_over_edm_iter"]})
         keys.update({f"{key}_{k}_fd_{big}": float(np.mean(r[f"{k}_fd_{big}_seeds"]))
-                     for k in ("2step", "1step") if f"{k}_fd_{big}_seeds" in r})
+                     for k in ("2step", "2step_gamma", "1step") if f"{k}_fd_{big}_seeds" in r})
     keys["best_method"] = best
     keys["beyond_ect_budget_images"] = args.steps * args.batch
     path.write_text(json.dumps(keys, indent=1))

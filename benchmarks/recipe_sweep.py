@@ -10,7 +10,8 @@ rows in --out/rows) and a setting another process is tuning is skipped, then wai
 Every setting tunes the shipped Fashion-MNIST teacher for --images images (--steps × --batch unless the
 setting changes the batch). 1- and 2-step samples of the averaged weights are scored on --n seeds
 from SWEEP_SEED0 (classifier FD against the test set), the mid time searched on other held-out seeds
-(bench.consistency_rows); the online weights are scored too, at the same mid time.
+(bench.consistency_rows); the online weights are scored too, at the same mid time, and the averaged
+weights with CTM's γ-sampling (mid time and γ searched together on the same held-out seeds).
 Writes --out/results.json, --out/table.md and --out/recipe_sweep.png.
 """
 
@@ -64,6 +65,13 @@ def tune_and_score(cache: RowCache, runs: Path, name: str, seed: int, args, seed
             "train_seconds": row["train_seconds"], "steps": steps, "batch": batch, "overrides": sets}
 
 
+def gamma_row(cache: RowCache, run: Path, name: str, seed: int, args, seeds, ref) -> dict:
+    """2-step FD of the averaged weights with CTM's γ-sampling, mid time and γ searched together on the
+    held-out seeds of the mid-time search (bench.consistency_rows)."""
+    row = consistency_rows(cache, run, f"{name}-s{seed}", seeds, ref, args.n_search, gamma=True)
+    return {"2step_fd": row["2step_gamma"]["fd"], "mid_ts": row["gamma_mid_ts"], "gamma": row["gamma"]}
+
+
 def online_rows(run: Path, mid_ts, seeds, ref) -> dict:
     """1- and 2-step FD of the run's online (not averaged) weights, at the EMA's searched mid time."""
     D, _ = load_denoiser(run, which="net")
@@ -75,7 +83,7 @@ def write_outputs(out: Path, results: dict, args) -> None:
     (out / "results.json").write_text(json.dumps({"command": vars(args), "base": BASE, "settings": results},
                                                  indent=1))
     lines = ["| setting | overrides | 2-step FD (seeds) | 1-step FD (seeds) | online weights, 2 / 1 step | "
-             "steps × batch |", "|---|---|---|---|---|---|"]
+             "2-step FD with γ-sampling (γ) | steps × batch |", "|---|---|---|---|---|---|---|"]
     for name, per_seed in results.items():
         r0 = next(iter(per_seed.values()))
         two = " / ".join(f"{r['2step_fd']:.1f}" for r in per_seed.values())
@@ -85,7 +93,8 @@ def write_outputs(out: Path, results: dict, args) -> None:
                      f"{np.mean([r['1step_fd'] for r in per_seed.values()]):.1f} ({one}) | "
                      f"{np.mean([r['online']['2step_fd'] for r in per_seed.values()]):.1f} / "
                      f"{np.mean([r['online']['1step_fd'] for r in per_seed.values()]):.1f} | "
-                     f"{r0['steps']} × {r0['batch']} |")
+                     + " / ".join(f"{r['gamma']['2step_fd']:.1f} ({r['gamma']['gamma']:g})" for r in per_seed.values())
+                     + f" | {r0['steps']} × {r0['batch']} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(out / "recipe_sweep.png", results, args)
@@ -139,6 +148,7 @@ def main() -> None:
             r = json.loads(path.read_text())
             run = runs / f"{name}-{r['steps']}x{r['batch']}-s{seed}"
             r["online"] = cache.get(f"online-{name}-s{seed}", lambda: online_rows(run, r["mid_ts"], seeds, ref))
+            r["gamma"] = cache.get(f"gamma-{name}-s{seed}", lambda: gamma_row(cache, run, name, seed, args, seeds, ref))
             results.setdefault(name, {})[int(seed)] = r
     write_outputs(out, dict(sorted(results.items(), key=lambda kv: list(SETTINGS).index(kv[0]))), args)
 

@@ -17,7 +17,7 @@ import torch
 
 from .config import read_config
 from .evaluate import fd_only, score_samples
-from .midtime import HELDOUT_SEED0, candidate_grid, search_mid_times, store_mid_times
+from .midtime import HELDOUT_SEED0, candidate_grid, search_mid_and_gamma, search_mid_times, store_mid_times
 from .models import load_denoiser
 from .presets import preset
 from .report import read_records
@@ -111,9 +111,10 @@ def teacher_row(D, seeds, ref, family: str, nfe: int, who: str = "teacher") -> d
     return {**score_row(D, seeds, ref, sampler, label=f"{who} {name} {nfe} NFE"), "nfe": nfe, "family": family}
 
 
-def consistency_rows(cache: RowCache, run: Path, name: str, seeds, ref, n_search: int) -> dict:
+def consistency_rows(cache: RowCache, run: Path, name: str, seeds, ref, n_search: int, gamma: bool = False) -> dict:
     """1- and 2-step rows of a tuned run on `seeds`, the mid time searched on `n_search` held-out seeds
-    (and stored in the run, as `ectune eval --search-mid-t` does)."""
+    (and stored in the run, as `ectune eval --search-mid-t` does); with `gamma` also a 2-step row with
+    CTM's γ-sampling ("2step_gamma"), mid time and γ searched together on the same held-out seeds."""
     D, cfg = load_denoiser(run)
     tag = f"n{len(seeds)}"
     held = list(range(HELDOUT_SEED0, HELDOUT_SEED0 + n_search))
@@ -129,8 +130,19 @@ def consistency_rows(cache: RowCache, run: Path, name: str, seeds, ref, n_search
                                                              label=f"{name} 1 step"))
     two = cache.get(f"{tag}-{name}-2step-mid{mid[0]:.4g}", lambda: score_row(
         D, seeds, ref, Sampler.consistency([80.0, *mid]), label=f"{name} 2 steps (mid {mid[0]:.3g})"))
-    return {"1step": one, "2step": two, "mid_ts": mid, "train_seconds": train_seconds(run),
-            "images": cfg.steps * cfg.batch}
+    out = {"1step": one, "2step": two, "mid_ts": mid, "train_seconds": train_seconds(run),
+           "images": cfg.steps * cfg.batch}
+    if gamma:
+        def joint():
+            m, g, tried = search_mid_and_gamma(D, SHAPE, lambda x: fd_only(x, ref), batch=BATCH, seeds=held,
+                                               candidates=candidate_grid(*MID_GRID))
+            return {"mid_ts": m, "gamma": g, "tried": tried}
+        found = cache.get(f"{name}-midgamma-{n_search}-grid{grid}", joint)
+        m, g = found["mid_ts"], found["gamma"]
+        out["2step_gamma"] = cache.get(f"{tag}-{name}-2step-mid{m[0]:.4g}-gamma{g:g}", lambda: score_row(
+            D, seeds, ref, Sampler.consistency([80.0, *m], g), label=f"{name} 2 steps (mid {m[0]:.3g}, γ {g:g})"))
+        out.update(gamma_mid_ts=m, gamma=g)
+    return out
 
 
 def tune_run(out: Path, teacher: str, method: str, *, steps: int, batch: int, seed: int | None = None,

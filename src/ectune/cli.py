@@ -92,7 +92,7 @@ def _report(r) -> None:
 def _sampler_flags(args) -> dict:
     """The sampler flags as `generation.choose_sampler` takes them (None: not given)."""
     return {"sampler": args.sampler, "steps": args.steps, "ts": args.ts, "num_steps": args.num_steps,
-            "nfe": args.nfe}
+            "nfe": args.nfe, "gamma": args.gamma}
 
 
 def cmd_sample(args) -> None:
@@ -194,6 +194,9 @@ def _add_sampler_choice(p: argparse.ArgumentParser, *, consistency_steps: str) -
                    help="default: heun for a pretrain run, else consistency")
     p.add_argument("--steps", type=int, help=consistency_steps)
     p.add_argument("--ts", type=float, nargs="+", help="explicit consistency times instead of --steps, e.g. 80 1.5")
+    p.add_argument("--gamma", type=float, help="consistency re-noising in [0, 1] between steps: 1 fresh noise "
+                   "(Song et al.), < 1 keeps part of the noise the model saw (CTM's gamma-sampling), 0 none "
+                   "(default: the run's sample.gamma, 1 unless set)")
     p.add_argument("--num-steps", type=int, help="Heun noise levels N (NFE = 2N-1) (default: 18)")
     p.add_argument("--nfe", type=int, help="DPM-Solver++(2M) network evaluations, any >= 1 "
                    "(= its Karras noise levels) (default: 35)")

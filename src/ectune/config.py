@@ -100,6 +100,7 @@ class SampleConfig:
     heun_steps: int = 18                    # teacher sampler: EDM Heun, 2N − 1 NFE
     t_max: float = 80.0
     mid_ts: tuple[float, ...] = (0.821,)    # 2-step consistency sampler [t_max, *mid_ts]
+    gamma: float = 1.0                      # its re-noising: 1 fresh noise (Song et al.), < 1 keeps some of x's own (CTM)
     grid: int = 64                          # images in the interval sample grids
 
 
@@ -211,6 +212,8 @@ def _check_values(cfg: RunConfig) -> None:
     if not (0 <= n.dropout < 1 and n.sigma_data > 0):
         raise EctuneError(f"config needs 0 <= net.dropout < 1 and net.sigma_data > 0, got {n.dropout}, {n.sigma_data}")
     _check_net(n)
+    if not 0 <= cfg.sample.gamma <= 1:
+        raise EctuneError(f"config sample.gamma must be in [0, 1] (1: fresh noise at every step), got {cfg.sample.gamma}")
     if not (0 <= cfg.loss.tcm_boundary < 1 and cfg.loss.tcm_df > 0):
         raise EctuneError(f"config needs 0 <= loss.tcm_boundary < 1 and loss.tcm_df > 0, got "
                           f"{cfg.loss.tcm_boundary}, {cfg.loss.tcm_df}")

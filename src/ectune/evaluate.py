@@ -262,7 +262,7 @@ def evaluate_checkpoint(ckpt, n: int, *, metric_name: str = "classifier", seed: 
         from .midtime import search_and_store
         search = distributed.on_main(lambda: search_and_store(
             D, cfg, ckpt, lambda x: scorer.distance(x, ref), steps=sampler.steps, eval_seeds=seeds, n=search_n,
-            candidates=candidates, batch=batch, device=device, progress=progress, log=log))
+            candidates=candidates, batch=batch, device=device, progress=progress, log=log, gamma=sampler.gamma))
         sampler = choose_sampler(cfg, ckpt, **flags, mid_ts=search["mid_ts"])
     t0 = time.perf_counter()
     x = sample_sharded(D, seeds, cfg.net.image_shape, sampler, labels, batch=batch, device=device, progress=progress)

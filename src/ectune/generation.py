@@ -20,7 +20,7 @@ from .sampling import Sampler, check_name, check_times, default_consistency_time
 
 # The sampler flags, and the sampler that uses each.
 _FLAGS = {"num_steps": ("--num-steps", "heun"), "nfe": ("--nfe", "dpmpp2m"), "steps": ("--steps", "consistency"),
-          "ts": ("--ts", "consistency")}
+          "ts": ("--ts", "consistency"), "gamma": ("--gamma", "consistency")}
 DEFAULTS = {"num_steps": 18, "nfe": 35, "steps": 1}
 
 
@@ -35,25 +35,27 @@ class Samples:
 
 def choose_sampler(cfg: RunConfig, ckpt=None, *, sampler: str | None = None, steps: int | None = None,
                    ts: Sequence[float] | None = None, num_steps: int | None = None, nfe: int | None = None,
-                   mid_ts: Sequence[float] | None = None, check_unused: bool = True) -> Sampler:
+                   mid_ts: Sequence[float] | None = None, gamma: float | None = None,
+                   check_unused: bool = True) -> Sampler:
     """The sampler the flags ask for on the model of `cfg` (stored at `ckpt`).
 
     `sampler` defaults to heun for a pretrain model, consistency for a tuned one. A flag that the chosen
     sampler does not use is refused when `sampler` was given and noted on stderr when it was not
     (unless not `check_unused`). Consistency times are `ts`, else `steps` steps at `mid_ts`, else at
-    `mid_times(cfg, ckpt, steps)`."""
+    `mid_times(cfg, ckpt, steps)`; their re-noising is `gamma`, else the config's sample.gamma."""
     name = check_name(sampler) if sampler else ("heun" if cfg.kind == "pretrain" else "consistency")
     if check_unused:
-        _unused(name, sampler is not None, steps=steps, ts=ts, num_steps=num_steps, nfe=nfe)
+        _unused(name, sampler is not None, steps=steps, ts=ts, num_steps=num_steps, nfe=nfe, gamma=gamma)
     if name == "heun":
         return Sampler.heun(DEFAULTS["num_steps"] if num_steps is None else num_steps)
     if name == "dpmpp2m":
         return Sampler.dpmpp2m(DEFAULTS["nfe"] if nfe is None else nfe)
+    gamma = cfg.sample.gamma if gamma is None else gamma
     if ts:
-        return Sampler.consistency(_below_t_max(ts, cfg.sample.t_max))
+        return Sampler.consistency(_below_t_max(ts, cfg.sample.t_max), gamma)
     steps = DEFAULTS["steps"] if steps is None else steps
     mid = mid_times(cfg, ckpt, steps) if mid_ts is None else mid_ts
-    return Sampler.consistency(default_consistency_times(steps, mid, cfg.sample.t_max))
+    return Sampler.consistency(default_consistency_times(steps, mid, cfg.sample.t_max), gamma)
 
 
 def _unused(name: str, explicit: bool, **given) -> None:

@@ -29,8 +29,8 @@ def candidate_grid(lo: float = 0.1, hi: float = 10.0, count: int = 9) -> list[fl
 
 def search_mid_times(D, shape, score: Callable, *, steps: int = 2, candidates: Sequence[float] | None = None,
                      seeds: Sequence[int] | None = None, t_max: float = 80.0, batch: int = 500, device=None,
-                     class_labels=None, progress=None) -> tuple[list[float], list[dict]]:
-    """Best mid times for `steps`-step sampling by `score(samples) -> lower is better`.
+                     class_labels=None, progress=None, gamma: float = 1.0) -> tuple[list[float], list[dict]]:
+    """Best mid times for `steps`-step sampling (re-noising `gamma`) by `score(samples) -> lower is better`.
 
     steps = 2 scans each candidate t_1; steps > 2 searches coordinate-wise, one mid time at a time
     from the left, keeping the times decreasing. Returns (best mid times, every tried row).
@@ -47,10 +47,10 @@ def search_mid_times(D, shape, score: Callable, *, steps: int = 2, candidates: S
 
     def evaluate(mid: tuple[float, ...]) -> float:
         if mid not in cache:
-            x = sample_images(D, seeds, shape, Sampler.consistency([t_max, *mid]), batch=batch, device=device,
+            x = sample_images(D, seeds, shape, Sampler.consistency([t_max, *mid], gamma), batch=batch, device=device,
                               class_labels=class_labels, progress=progress)
             cache[mid] = float(score(x))
-            tried.append({"mid_ts": list(mid), "score": cache[mid]})
+            tried.append({"mid_ts": list(mid), "score": cache[mid], **({"gamma": gamma} if gamma != 1 else {})})
         return cache[mid]
 
     # Start from a geometric spacing, then improve one coordinate at a time.
@@ -62,6 +62,33 @@ def search_mid_times(D, shape, score: Callable, *, steps: int = 2, candidates: S
         options = [c for c in cands if lower < c < upper] or [best[i]]
         best[i] = min(options, key=lambda c: evaluate(tuple(best[:i] + [c] + best[i + 1:])))
     return best, tried
+
+
+GAMMA_GRID = (1.0, 0.9, 0.7, 0.5, 0.3, 0.0)
+
+
+def search_mid_and_gamma(D, shape, score: Callable, *, gammas: Sequence[float] = GAMMA_GRID,
+                         candidates: Sequence[float] | None = None, seeds: Sequence[int] | None = None,
+                         t_max: float = 80.0, batch: int = 500, device=None,
+                         class_labels=None) -> tuple[list[float], float, list[dict]]:
+    """Best (mid time, γ) of 2-step sampling, coordinate-wise: the mid time at γ = 1, then γ over
+    `gammas` at that mid time, then the mid time again at that γ. Returns (mid times, γ, tried rows)."""
+    kw = dict(steps=2, candidates=candidates, seeds=seeds, t_max=t_max, batch=batch, device=device,
+              class_labels=class_labels)
+    seeds = list(seeds if seeds is not None else range(HELDOUT_SEED0, HELDOUT_SEED0 + 1000))
+    kw["seeds"] = seeds
+    mid, tried = search_mid_times(D, shape, score, **kw)
+    scores = {1.0: min(r["score"] for r in tried)}                # the first search's best, at γ = 1
+    for g in (float(g) for g in gammas if float(g) != 1):
+        x = sample_images(D, seeds, shape, Sampler.consistency([t_max, *mid], g), batch=batch, device=device,
+                          class_labels=class_labels)
+        scores[g] = float(score(x))
+        tried.append({"mid_ts": list(mid), "score": scores[g], "gamma": g})
+    gamma = min(scores, key=scores.get)
+    if gamma != 1:                  # (the candidates hold the first mid time: the result is no worse)
+        mid, more = search_mid_times(D, shape, score, **kw, gamma=gamma)
+        tried += more
+    return list(mid), gamma, tried
 
 
 def stored_mid_times(ckpt, steps: int) -> list[float] | None:
@@ -81,7 +108,7 @@ def store_mid_times(ckpt, mid_ts: Sequence[float]) -> Path:
 
 def search_and_store(D, cfg, ckpt, score: Callable, *, steps: int, eval_seeds: Sequence[int], n: int = 1000,
                      candidates: Sequence[float] | None = None, batch: int = 500, device=None, progress: bool = True,
-                     log: Callable[[str], None] | None = None) -> dict:
+                     log: Callable[[str], None] | None = None, gamma: float = 1.0) -> dict:
     """`ectune eval --search-mid-t`: the best mid times of `steps`-step sampling of the model of `cfg`
     on `n` held-out seeds (13 log-spaced candidates from 0.1 to 10 by default), stored with `ckpt`.
     Returns the record's "mid_t_search" entry: the best times, the held-out seeds and every tried row."""
@@ -93,7 +120,7 @@ def search_and_store(D, cfg, ckpt, score: Callable, *, steps: int, eval_seeds: S
     with Progress(len(cands) * len(held) * (steps - 1), "mid-time search", bar=progress) as bar:
         best, tried = search_mid_times(D, shape, score, steps=steps, candidates=cands, seeds=held,
                                        t_max=cfg.sample.t_max, batch=batch, device=device,
-                                       class_labels=seed_labels(held, cfg.net.label_dim), progress=bar)
+                                       class_labels=seed_labels(held, cfg.net.label_dim), progress=bar, gamma=gamma)
     stored = store_mid_times(ckpt, best)
     if log is not None:
         log(f"best mid times {[round(t, 4) for t in best]} on {len(held)} held-out seeds; stored in {stored}")

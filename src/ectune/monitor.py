@@ -64,7 +64,7 @@ def run_samplers(cfg: RunConfig) -> list[Sampler]:
     for pretraining; 1 and 2 consistency steps at the config's mid time for tuning."""
     if cfg.kind == "pretrain":
         return [Sampler.heun(cfg.sample.heun_steps)]
-    return [Sampler.consistency(default_consistency_times(steps, cfg.sample.mid_ts, cfg.sample.t_max))
+    return [Sampler.consistency(default_consistency_times(steps, cfg.sample.mid_ts, cfg.sample.t_max), cfg.sample.gamma)
             for steps in (1, 2)]
 
 

@@ -88,22 +88,38 @@ def sample_dpmpp_2m(D: Denoiser, x: torch.Tensor, sigmas: Sequence[float], *, cl
     return x.to(torch.float32)
 
 
+def check_gamma(gamma: float) -> float:
+    """γ of consistency sampling as a float in [0, 1]; refused (EctuneError) otherwise."""
+    gamma = float(gamma)
+    if not 0 <= gamma <= 1:
+        raise EctuneError(f"gamma (--gamma, sample.gamma) must be in [0, 1] (1: fresh noise at every step), got {gamma}")
+    return gamma
+
+
 @torch.no_grad()
 def sample_consistency(D: Denoiser, x: torch.Tensor, sigmas: Sequence[float], *,
                        step_noise: Sequence[torch.Tensor] | None = None, generator: torch.Generator | None = None,
-                       class_labels=None) -> torch.Tensor:
+                       class_labels=None, gamma: float = 1.0) -> torch.Tensor:
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1) on times t_0 > … > t_{k−1},
-    sigmas = [t_0, …, t_{k−1}, 0].
+    sigmas = [t_0, …, t_{k−1}, 0], with CTM's γ (Kim et al. 2023, "γ-sampling").
 
-    For each i: x ← D(x, t_i), then, if another time follows, x ← x + t_{i+1}·ε_i, with ε_i from
-    `step_noise[i]` if given, else drawn like x from `generator`. 1 step is D(80·z, 80).
+    For each i: x̂ ← D(x, t_i), then, if another time follows, x ← x̂ + t_{i+1}·(√(1 − γ²)·ε̂ + γ·ε_i)
+    with ε̂ = (x − x̂)/t_i the noise the model sees in x, and ε_i from `step_noise[i]` if given, else
+    drawn like x from `generator`. γ = 1 is Song et al.'s x̂ + t_{i+1}·ε_i (computed as exactly that);
+    γ = 0 is a deterministic DDIM-style step to t_{i+1}. 1 step is D(80·z, 80) whatever γ.
     """
+    gamma = check_gamma(gamma)
+    keep = math.sqrt(1 - gamma * gamma)
     for i, (t, t_next) in enumerate(pairwise(float(s) for s in sigmas)):
-        x = _denoise(D, x, t, class_labels)
+        x_hat = _denoise(D, x, t, class_labels)
         if t_next > 0:
             eps = step_noise[i] if step_noise is not None else torch.randn(
                 x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = x + t_next * eps.to(torch.float64)
+            eps = eps.to(torch.float64)
+            if gamma != 1:
+                eps = keep * (x.to(torch.float64) - x_hat) / t + gamma * eps
+            x_hat = x_hat + t_next * eps
+        x = x_hat
     return x.to(torch.float32)
 
 
@@ -138,7 +154,7 @@ def dpmpp_nfe(num_steps: int) -> int:
 
 def consistency_sampler(D: Denoiser, noise: torch.Tensor, ts: Sequence[float] = (80.0,), *,
                         generator: torch.Generator | None = None, class_labels=None,
-                        step_noise: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+                        step_noise: Sequence[torch.Tensor] | None = None, gamma: float = 1.0) -> torch.Tensor:
     """`sample_consistency` at times `ts` from unit noise; fresh noise like `noise` from `generator`
     unless `step_noise` is given."""
     ts = check_times(ts)
@@ -146,7 +162,7 @@ def consistency_sampler(D: Denoiser, noise: torch.Tensor, ts: Sequence[float] = 
         step_noise = [torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
                       for _ in ts[1:]]
     return sample_consistency(D, noise.to(torch.float64) * ts[0], [*ts, 0.0], step_noise=step_noise,
-                              class_labels=class_labels)
+                              class_labels=class_labels, gamma=gamma)
 
 
 def default_consistency_times(steps: int, mid_ts: Sequence[float] = (), t_max: float = 80.0) -> list[float]:
@@ -179,12 +195,17 @@ class Sampler:
         Sampler.heun(18)                 # Karras grid, 18 levels: NFE 35
         Sampler.dpmpp2m(35)              # Karras grid, 35 levels: NFE 35
         Sampler.consistency([80, 1.5])   # 2 steps: NFE 2
+        Sampler.consistency([80, 3.0], gamma=0.7)   # CTM's γ-sampling
     """
     name: str                       # "consistency", "heun" or "dpmpp2m"
     sigmas: tuple[float, ...]
+    gamma: float = 1.0              # consistency only: the re-noising of `sample_consistency`
 
     def __post_init__(self) -> None:
         check_name(self.name)
+        object.__setattr__(self, "gamma", check_gamma(self.gamma))
+        if self.name != "consistency" and self.gamma != 1:
+            raise EctuneError(f"gamma (--gamma) belongs to consistency sampling, not to {self.name}; drop it")
         levels = check_times(self.sigmas[:-1], f"the noise levels of {self.name}")
         if self.sigmas[-1] != 0:
             raise EctuneError(f"the grid of {self.name} must end in 0, got {list(self.sigmas)}")
@@ -203,9 +224,10 @@ class Sampler:
         return cls("dpmpp2m", tuple(karras_sigmas(nfe).tolist()))
 
     @classmethod
-    def consistency(cls, ts: Sequence[float] = (80.0,)) -> Sampler:
-        """Consistency sampling at times `ts` (t_0 > … > t_{k−1} > 0)."""
-        return cls("consistency", (*check_times(ts), 0.0))
+    def consistency(cls, ts: Sequence[float] = (80.0,), gamma: float = 1.0) -> Sampler:
+        """Consistency sampling at times `ts` (t_0 > … > t_{k−1} > 0) with re-noising `gamma` (1 step: unused)."""
+        ts, gamma = check_times(ts), check_gamma(gamma)
+        return cls("consistency", (*ts, 0.0), gamma if len(ts) > 1 else 1.0)
 
     @property
     def steps(self) -> int:
@@ -234,20 +256,21 @@ class Sampler:
             return {"name": "heun", "num_steps": self.steps, "nfe": self.nfe}
         if self.name == "dpmpp2m":
             return {"name": "dpmpp2m", "nfe": self.nfe}
-        return {"name": "consistency", "ts": self.ts, "nfe": self.nfe}
+        return {"name": "consistency", "ts": self.ts, "nfe": self.nfe, **({"gamma": self.gamma} if self.gamma != 1 else {})}
 
     @property
     def label(self) -> str:
         """A short description for messages, e.g. "heun 18 steps"."""
         return {"heun": f"heun {self.steps} steps", "dpmpp2m": f"dpmpp2m NFE {self.nfe}"}.get(
-            self.name, f"consistency ts={[round(t, 4) for t in self.ts]}")
+            self.name, f"consistency ts={[round(t, 4) for t in self.ts]}" + (f" gamma={self.gamma:g}" if self.gamma != 1 else ""))
 
     def __call__(self, D: Denoiser, noise: torch.Tensor, step_noise: Sequence[torch.Tensor] = (),
                  class_labels=None) -> torch.Tensor:
         """Samples (B, C, H, W) float32 from unit noise (and a consistency sampler's k − 1 fresh noises)."""
         x = noise.to(torch.float64) * self.sigmas[0]
         if self.name == "consistency":
-            return sample_consistency(D, x, self.sigmas, step_noise=step_noise, class_labels=class_labels)
+            return sample_consistency(D, x, self.sigmas, step_noise=step_noise, class_labels=class_labels,
+                                      gamma=self.gamma)
         return _SAMPLERS[self.name](D, x, self.sigmas, class_labels=class_labels)
 
 

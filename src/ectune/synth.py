@@ -73,6 +73,7 @@ def synthesize(teacher, out, *, n: int, seed: int = 0, shard_size: int = 1000, b
         "num_steps": sampler.steps if sampler.name == "heun" else None,
         "nfe": sampler.nfe if sampler.name == "dpmpp2m" else None,
         "ts": sampler.ts if sampler.name == "consistency" else None,
+        **({"gamma": sampler.gamma} if sampler.gamma != 1 else {}),
         "seed": seed, "n": n, "shard_size": shard_size, "shape": cfg.net.image_shape, "label_dim": cfg.net.label_dim})
     result = SynthResult(out, manifest, sampler)
     if _already_done(out, manifest):

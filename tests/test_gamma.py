@@ -1,0 +1,85 @@
+"""CTM's γ-sampling for consistency models (`--gamma`, `sample.gamma`): the formula at γ = 1 (Song et
+al.'s sampler, exactly), 0 (deterministic) and between, the flags and configs that carry it, and the
+joint (mid time, γ) search."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ectune.cli import main
+from ectune.errors import EctuneError
+from ectune.midtime import search_mid_and_gamma, search_mid_times
+from ectune.sampling import Sampler, sample_consistency
+
+
+def toy(x, sigma, class_labels=None):
+    s = sigma.reshape(-1, 1, 1, 1).to(x.dtype)
+    return 0.3 + x / (1 + s)
+
+
+def test_gamma_one_is_song_et_als_sampler_and_zero_is_deterministic():
+    z, e = torch.randn(2, 5, 1, 3, 3, dtype=torch.float64)
+    T, mid = 80.0, 2.5
+    sig = [T, mid, 0.0]
+    x0 = toy(z * T, torch.full((5,), T))
+    song = toy(x0 + mid * e, torch.full((5,), mid)).float()
+    assert torch.equal(sample_consistency(toy, z * T, sig, step_noise=[e]), song)
+    assert torch.equal(sample_consistency(toy, z * T, sig, step_noise=[e], gamma=1.0), song)
+    ddim = toy(x0 + mid * (z * T - x0) / T, torch.full((5,), mid)).float()
+    got = sample_consistency(toy, z * T, sig, step_noise=[e], gamma=0.0)
+    assert torch.allclose(got, ddim, atol=1e-6)
+    assert torch.equal(got, sample_consistency(toy, z * T, sig, step_noise=[torch.randn_like(e)], gamma=0.0))
+    g = 0.6
+    mixed = toy(x0 + mid * (math.sqrt(1 - g * g) * (z * T - x0) / T + g * e), torch.full((5,), mid)).float()
+    assert torch.allclose(sample_consistency(toy, z * T, sig, step_noise=[e], gamma=g), mixed, atol=1e-6)
+
+
+def test_the_sampler_carries_gamma_and_refuses_what_it_cannot_use():
+    s = Sampler.consistency([80.0, 2.0], gamma=0.7)
+    assert s.gamma == 0.7 and s.spec == {"name": "consistency", "ts": [80.0, 2.0], "nfe": 2, "gamma": 0.7}
+    assert "gamma=0.7" in s.label
+    assert Sampler.consistency([80.0, 2.0]).spec == {"name": "consistency", "ts": [80.0, 2.0], "nfe": 2}
+    assert Sampler.consistency([80.0], gamma=0.3).spec == Sampler.consistency([80.0]).spec     # 1 step: no γ
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(EctuneError, match="gamma"):
+            Sampler.consistency([80.0, 2.0], gamma=bad)
+    with pytest.raises(EctuneError, match="gamma .* belongs to consistency sampling"):
+        Sampler("heun", (80.0, 1.0, 0.0), 0.5)
+
+
+def test_the_joint_search_returns_its_best_row():
+    seeds = list(range(1_000_000, 1_000_040))
+
+    def score(x):
+        return float((x.std() - 0.4).abs())
+    cands = [0.5, 1.0, 2.0, 4.0]
+    mid, gamma, tried = search_mid_and_gamma(toy, (1, 4, 4), score, candidates=cands, seeds=seeds, batch=16)
+    at = [r for r in tried if r.get("gamma", 1.0) == gamma and r["mid_ts"] == mid]
+    assert at and at[0]["score"] == min(r["score"] for r in tried)
+    only, _ = search_mid_times(toy, (1, 4, 4), score, candidates=cands, seeds=seeds, batch=16)
+    assert search_mid_and_gamma(toy, (1, 4, 4), score, gammas=(1.0,), candidates=cands, seeds=seeds,
+                                batch=16)[:2] == (only, 1.0)
+
+
+def test_gamma_through_the_cli(tmp_path, capsys):
+    np.savez(tmp_path / "d.npz", images=np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8))
+    assert main(["pretrain", "--preset", "tiny", "--data", str(tmp_path / "d.npz"), "--steps", "1",
+                 "--out", str(tmp_path / "t"), "--no-progress"]) == 0
+    assert main(["tune", "--teacher", str(tmp_path / "t"), "--steps", "1", "--out", str(tmp_path / "e"),
+                 "--set", "sample.gamma=0.5", "--no-progress"]) == 0
+    common = ["--ckpt", str(tmp_path / "e"), "--n", "4", "--no-progress"]
+    assert main(["sample", *common, "--steps", "2", "--out", str(tmp_path / "run.npz")]) == 0
+    assert main(["sample", *common, "--steps", "2", "--gamma", "0.5", "--out", str(tmp_path / "flag.npz")]) == 0
+    assert main(["sample", *common, "--steps", "2", "--gamma", "1", "--out", str(tmp_path / "one.npz")]) == 0
+    run, flag, one = (np.load(tmp_path / f"{n}.npz")["images"] for n in ("run", "flag", "one"))
+    assert np.array_equal(run, flag) and not np.array_equal(run, one)       # the run's sample.gamma is the default
+    capsys.readouterr()
+    assert main(["sample", *common, "--gamma", "1.5", "--out", str(tmp_path / "x.npz")]) == 2
+    assert "must be in [0, 1]" in capsys.readouterr().err
+    assert main(["sample", *common, "--sampler", "heun", "--gamma", "0.5", "--out", str(tmp_path / "x.npz")]) == 2
+    assert "--gamma is not used by the heun sampler" in capsys.readouterr().err
+    assert main(["tune", "--teacher", str(tmp_path / "t"), "--steps", "1", "--out", str(tmp_path / "bad"),
+                 "--set", "sample.gamma=-1", "--no-progress"]) == 2
+    assert "sample.gamma must be in [0, 1]" in capsys.readouterr().err and not (tmp_path / "bad").exists()
