@@ -15,7 +15,8 @@ row uses CTM's γ-sampling, mid time and γ searched together on the same held-o
     sct-pm06-ema015  sct-pm06 with a power EMA of σ_rel 0.015 (the recipe of `--preset fmnist-short`,
                  chosen by benchmarks/recipe_sweep.py on held-out seeds)
     cmt          consistency mid-training alone (`--method cmt`: the teacher's 9-level DPM-Solver++
-                 trajectories, each point regressed onto the trajectory's end), σ_rel 0.015
+                 trajectories, each point regressed onto the trajectory's end), σ_rel 0.015 (only
+                 with --recipes cmt; by default it is the first stage of the next one)
     cmt+sct-pm06-ema015  cmt for a quarter of the steps, then sct-pm06-ema015 from it for the rest
 
 With --headline-n 10000 exact ECT and the best recipe (by mean 2-step FD at --n) are also scored on
@@ -56,6 +57,7 @@ RECIPES = {
     "cmt+sct-pm06-ema015": ("sct", ["loss.P_mean=-0.6", "ema.sigma_rel=0.015"]),   # CMT for a quarter, then SCT
 }
 STAGE1 = {"sct-pm06+tcm": ("sct-pm06", 2), "cmt+sct-pm06-ema015": ("cmt", 4)}   # (first stage, 1/its share)
+FIRST_STAGES_ONLY = {"cmt"}                     # not in the default --recipes: only a first stage there
 
 
 def tune_recipe(runs: Path, name: str, args, seed: int, steps: int) -> tuple[Path, Path | None]:
@@ -189,7 +191,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--recipes", default=",".join(RECIPES))
+    ap.add_argument("--recipes", default=",".join(r for r in RECIPES if r not in FIRST_STAGES_ONLY))
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--n-search", type=int, default=500)
     ap.add_argument("--headline-n", type=int, default=0, help="also score exact ECT and the best recipe on this "
