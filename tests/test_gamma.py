@@ -83,3 +83,32 @@ def test_gamma_through_the_cli(tmp_path, capsys):
     assert main(["tune", "--teacher", str(tmp_path / "t"), "--steps", "1", "--out", str(tmp_path / "bad"),
                  "--set", "sample.gamma=-1", "--no-progress"]) == 2
     assert "sample.gamma must be in [0, 1]" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+
+def test_mid_times_are_stored_per_gamma(tmp_path):
+    """A search at γ = 0.5 is kept beside the γ = 1 one; sampling reads the entry of its own γ, and the
+    weights' config folds in the entry of its sample.gamma."""
+    import json
+    import shutil
+    from dataclasses import replace
+
+    from ectune.checkpoint import read_weights
+    from ectune.demo import shipped_teacher
+    from ectune.generation import choose_sampler
+    from ectune.midtime import store_mid_times, stored_mid_times
+    f = tmp_path / "m.safetensors"
+    shutil.copy(shipped_teacher(), f)
+    store_mid_times(f, [2.0])
+    store_mid_times(f, [3.0], 0.5)
+    assert stored_mid_times(f, 2) == [2.0] and stored_mid_times(f, 2, 0.5) == [3.0]
+    assert stored_mid_times(f, 2, 0.0) is None
+    assert json.loads((tmp_path / "m.mid_times.json").read_text()) == {"2": [2.0], "2@gamma0.5": [3.0]}
+    cfg = read_weights(f)[0]
+    assert cfg.sample.gamma == 1 and cfg.sample.mid_ts == (2.0,)         # the config folds in its own γ's entry
+    tuned = replace(cfg, loss=replace(cfg.loss, method="ect"), sample=replace(cfg.sample, gamma=0.5))
+    assert choose_sampler(tuned, f, steps=2).ts == [80.0, 3.0] and choose_sampler(tuned, f, steps=2).gamma == 0.5
+    assert choose_sampler(tuned, f, steps=2, gamma=1.0).ts == [80.0, 2.0]
+    (tmp_path / "m.mid_times.json").write_text('{"2@gammaX": [1.0]}')
+    with pytest.raises(EctuneError, match="corrupt"):
+        stored_mid_times(f, 2)

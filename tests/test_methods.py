@@ -126,6 +126,7 @@ def test_the_method_is_the_presets_own_unless_given(tmp_path):
     teacher = str(shipped_teacher())
     short = tune_base(None, teacher, "fmnist-short", None, tmp_path / "a").cfg
     assert (short.loss.method, short.loss.P_mean, short.ema.sigma_rel) == ("sct", -0.6, 0.015)
+    assert (short.sample.mid_ts, short.sample.gamma) == ((3.0,), 0.0)
     assert tune_base("ect", teacher, "fmnist-short", None, tmp_path / "b").cfg.loss.method == "ect"
     default = tune_base(None, teacher, None, None, tmp_path / "c").cfg
     assert default == tune_base("ect", teacher, None, None, tmp_path / "d").cfg

@@ -139,6 +139,7 @@ def consistency_rows(cache: RowCache, run: Path, name: str, seeds, ref, n_search
             return {"mid_ts": m, "gamma": g, "tried": tried}
         found = cache.get(f"{name}-midgamma-{n_search}-grid{grid}", joint)
         m, g = found["mid_ts"], found["gamma"]
+        store_mid_times(run, m, g)
         out["2step_gamma"] = cache.get(f"{tag}-{name}-2step-mid{m[0]:.4g}-gamma{g:g}", lambda: score_row(
             D, seeds, ref, Sampler.consistency([80.0, *m], g), label=f"{name} 2 steps (mid {m[0]:.3g}, γ {g:g})"))
         out.update(gamma_mid_ts=m, gamma=g)

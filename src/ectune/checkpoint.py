@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -196,13 +197,18 @@ def read_mid_times(weights: Path) -> dict[str, list[float]]:
     return found
 
 
-def update_mid_times(weights: Path, mid_ts) -> Path:
-    """Add searched mid times for (len(mid_ts) + 1)-step sampling to the sidecar of a weights file,
-    atomically, keeping the entries of other step counts (a 3-step search does not erase the 2-step
-    times). The weights file stays byte for byte as it was: its sha256 is the checkpoint's identity.
-    Returns the sidecar."""
+def mid_times_key(steps: int, gamma: float = 1.0) -> str:
+    """The sidecar's key of `steps`-step mid times searched at re-noising γ: "2", or "2@gamma0.5"."""
+    return str(steps) if gamma == 1 else f"{steps}@gamma{float(gamma):g}"
+
+
+def update_mid_times(weights: Path, mid_ts, gamma: float = 1.0) -> Path:
+    """Add searched mid times for (len(mid_ts) + 1)-step sampling at re-noising `gamma` to the sidecar
+    of a weights file, atomically, keeping the other entries (a 3-step search does not erase the 2-step
+    times, nor a γ = 0.5 search those of γ = 1). The weights file stays byte for byte as it was: its
+    sha256 is the checkpoint's identity. Returns the sidecar."""
     f = Path(weights)
-    by_steps = {**read_mid_times(f), str(len(mid_ts) + 1): [float(t) for t in mid_ts]}
+    by_steps = {**read_mid_times(f), mid_times_key(len(mid_ts) + 1, gamma): [float(t) for t in mid_ts]}
     side = mid_times_file(f)
     try:
         with atomic_file(side) as out:
@@ -212,11 +218,14 @@ def update_mid_times(weights: Path, mid_ts) -> Path:
     return side
 
 
+_MID_KEY = re.compile(r"\d+(@gamma(0|0?\.\d+|\d(\.\d+)?e-\d+))?")    # "2", "2@gamma0.5" (γ as "%g", < 1)
+
+
 def _mid_times_json(text: str, source: str) -> dict[str, list[float]]:
     try:
         by_steps = json.loads(text)
         ok = isinstance(by_steps, dict) and all(
-            k.isdigit() and isinstance(v, list) and len(v) == int(k) - 1 and
+            _MID_KEY.fullmatch(k) and isinstance(v, list) and len(v) == int(k.split("@")[0]) - 1 and
             all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in v) for k, v in by_steps.items())
     except (ValueError, RecursionError):
         ok = False
@@ -228,8 +237,8 @@ def _mid_times_json(text: str, source: str) -> dict[str, list[float]]:
 
 def read_weights(path: str | Path) -> tuple[RunConfig, dict[str, torch.Tensor], dict]:
     """(config, tensors, metadata) of a weights file; a corrupt or foreign file raises EctuneError.
-    Searched mid times (see `read_mid_times`) are folded in: the 2-step ones into the config's
-    sample.mid_ts, all of them into metadata["mid_ts_by_steps"]."""
+    Searched mid times (see `read_mid_times`) are folded in: the 2-step ones of the config's sample.gamma
+    into its sample.mid_ts, all of them into metadata["mid_ts_by_steps"]."""
     f = resolve_weights(path)
     try:
         with safe_open(str(f), framework="pt") as handle:
@@ -246,9 +255,10 @@ def read_weights(path: str | Path) -> tuple[RunConfig, dict[str, torch.Tensor], 
     mid = read_mid_times(f)
     if mid:
         meta["mid_ts_by_steps"] = json.dumps(mid)
-    if "2" in mid:
+    key = mid_times_key(2, cfg.sample.gamma)
+    if key in mid:
         from dataclasses import replace
-        cfg = replace(cfg, sample=replace(cfg.sample, mid_ts=tuple(mid["2"])))
+        cfg = replace(cfg, sample=replace(cfg.sample, mid_ts=tuple(mid[key])))
     return cfg, tensors, meta
 
 

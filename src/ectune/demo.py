@@ -38,7 +38,7 @@ from .training import train
 TEACHER_SAMPLERS = (Sampler.dpmpp2m(5), Sampler.dpmpp2m(9), Sampler.dpmpp2m(17))
 RECIPE = {"preset": "fmnist-short", "name": "SCT"}   # = ectune tune --preset fmnist-short
 DEMO_STEPS = 340                       # the fixed tuning budget: 340 × 64 images, ≤ 10 min in all on 2 CPU cores
-EVAL_NFE_PER_SAMPLE = sum(s.nfe for s in TEACHER_SAMPLERS) + 1 + 2 + 1 + 2
+EVAL_NFE_PER_SAMPLE = sum(s.nfe for s in TEACHER_SAMPLERS) + 1 + 2 + 2 + 1 + 2
 
 
 def shipped_teacher() -> Path:
@@ -93,37 +93,48 @@ def _with_steps(cfg: RunConfig, steps: int) -> RunConfig:
     return replace(cfg, steps=steps, eval=replace(cfg.eval, every_kimg=steps * cfg.batch / 4000, n=200))
 
 
-def _rows_to_run(mid_ts) -> list[tuple]:
+def _rows_to_run(mid_ts, gamma: float = 1.0) -> list[tuple]:
     """(model, weights, sampler) of every row: the teacher's diffusion samplers, then 1- and 2-step
-    sampling of both the averaged and the online tuned weights (at these budgets neither is reliably
-    the better: benchmarks/recipe_sweep.py)."""
+    sampling (at the recipe's γ) of both the averaged and the online tuned weights (at these budgets
+    neither is reliably the better: benchmarks/recipe_sweep.py); with γ < 1 also the averaged weights'
+    2 steps at γ = 1 (Song et al.'s sampler, beside CTM's γ-sampling)."""
     rows = [("teacher", "ema", sampler) for sampler in TEACHER_SAMPLERS]
-    return rows + [("tuned", weights, Sampler.consistency(default_consistency_times(k, mid_ts)))
-                   for weights in ("ema", "online") for k in (1, 2)]
+    two = [default_consistency_times(2, mid_ts)]
+    rows += [("tuned", "ema", Sampler.consistency([80.0])), ("tuned", "ema", Sampler.consistency(*two, gamma))]
+    rows += [("tuned", "ema", Sampler.consistency(*two))] if gamma != 1 else []
+    return rows + [("tuned", "online", Sampler.consistency([80.0])), ("tuned", "online", Sampler.consistency(*two, gamma))]
 
 
-def evaluate(models: dict, seeds: list[int], mid_ts, device, ref, progress=None) -> tuple[list[dict], dict]:
+def _key(model: str, weights: str, sampler: Sampler) -> tuple:
+    return model, weights, sampler.nfe, sampler.gamma
+
+
+def evaluate(models: dict, seeds: list[int], mid_ts, device, ref, progress=None,
+             gamma: float = 1.0) -> tuple[list[dict], dict]:
     """Scores (classifier features, vs `ref` = evaluate.reference()) of every row; returns rows and samples."""
     from .evaluate import score_samples
     rows, samples = [], {}
-    for model, weights, sampler in _rows_to_run(mid_ts):
-        row = dict(model=model, weights=weights, sampler=f"{sampler.name}-{sampler.steps}", nfe=sampler.nfe,
-                   **({"ts": sampler.ts} if sampler.name == "consistency" else {}))
+    for model, weights, sampler in _rows_to_run(mid_ts, gamma):
+        name = f"{sampler.name}-{sampler.steps}" + (f"-gamma{sampler.gamma:g}" if sampler.gamma != 1 else "")
+        row = dict(model=model, weights=weights, sampler=name, nfe=sampler.nfe,
+                   **({"ts": sampler.ts, "gamma": sampler.gamma} if sampler.name == "consistency" else {}))
         t0 = time.perf_counter()
         x = sample_images(models[(model, weights)], seeds, (1, 28, 28), sampler, device=device)
         row["seconds_per_image"] = (time.perf_counter() - t0) / len(seeds)
         row.update(score_samples(x, ref), num_samples=len(seeds))
-        samples[(model, weights, sampler.nfe)] = x[:10]
+        samples[_key(model, weights, sampler)] = x[:10]
         if progress:
             progress(row)
         rows.append(row)
     return rows, samples
 
 
-def comparison_grid(samples: dict, path: Path) -> None:
-    """Rows: the teacher's DPM-Solver++ at 17 and 5 NFE, tuned 1-step, tuned 2-step, each on seeds 0..9."""
-    order = [("teacher DPM++ 17 NFE", ("teacher", "ema", 17)), ("teacher DPM++ 5 NFE", ("teacher", "ema", 5)),
-             (f"{RECIPE['name']} 1 step", ("tuned", "ema", 1)), (f"{RECIPE['name']} 2 steps", ("tuned", "ema", 2))]
+def comparison_grid(samples: dict, path: Path, gamma: float = 1.0) -> None:
+    """Rows: the teacher's DPM-Solver++ at 17 and 5 NFE, tuned 1-step, tuned 2-step (the recipe's γ),
+    each on seeds 0..9."""
+    order = [("teacher DPM++ 17 NFE", ("teacher", "ema", 17, 1.0)), ("teacher DPM++ 5 NFE", ("teacher", "ema", 5, 1.0)),
+             (f"{RECIPE['name']} 1 step", ("tuned", "ema", 1, 1.0)),
+             (f"{RECIPE['name']} 2 steps", ("tuned", "ema", 2, gamma))]
     strips = [grid_image(to_uint8(samples[key]), cols=10) for _, key in order]
     label_w, (w, h) = 150, strips[0].size
     canvas = Image.new("L", (label_w + w, h * len(strips)), 255)
@@ -146,10 +157,10 @@ def write_report(out: Path, rows: list[dict], meta: dict) -> None:
     lines += [f"| {r['model']} | {r['weights']} | {r['sampler']} | {r['nfe']} | {r['fd']:.2f} | "
               f"{r['precision']:.3f} | {r['recall']:.3f} | {r['seconds_per_image']:.4f} |" for r in rows]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    _plot(out / "quality_vs_nfe.png", rows)
+    _plot(out / "quality_vs_nfe.png", rows, meta.get("gamma", 1.0))
 
 
-def _plot(path: Path, rows: list[dict]) -> None:
+def _plot(path: Path, rows: list[dict], gamma: float = 1.0) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -160,7 +171,8 @@ def _plot(path: Path, rows: list[dict]) -> None:
     t = [r for r in rows if r["model"] == "teacher"]
     ax.plot([r["nfe"] for r in t], [r["fd"] for r in t], "o-", label="teacher (DPM-Solver++(2M))")
     for weights, mark in (("ema", "s-"), ("online", "^--")):
-        e = [r for r in rows if r["model"] == "tuned" and r["weights"] == weights]
+        e = [r for r in rows if r["model"] == "tuned" and r["weights"] == weights and r["gamma"] in (1, gamma)
+             and not (r["nfe"] == 2 and r["gamma"] != gamma)]
         ax.plot([r["nfe"] for r in e], [r["fd"] for r in e], mark, label=f"{RECIPE['name']} ({weights} weights)")
     ax.set(xscale="log", yscale="log", xlabel="network evaluations (NFE)", ylabel="FD (classifier features)")
     ax.legend()
@@ -198,10 +210,10 @@ def run_demo(out: Path, *, minutes: float | None = None, n: int = 1000, device=t
     models = {("teacher", "ema"): teacher, ("tuned", "ema"): state.ema.module.eval(),
               ("tuned", "online"): state.D.eval()}
     log(f"demo: evaluating {n} samples per row")
-    rows, samples = evaluate(models, list(range(n)), cfg.sample.mid_ts, device, ref,
+    rows, samples = evaluate(models, list(range(n)), cfg.sample.mid_ts, device, ref, gamma=cfg.sample.gamma,
                              progress=lambda r: log(f"  {r['model']:7s} {r['weights']:6s} {r['sampler']:14s} "
                                                     f"NFE {r['nfe']:2d}  FD {r['fd']:8.2f}"))
-    comparison_grid(samples, out / "grid.png")
+    comparison_grid(samples, out / "grid.png", cfg.sample.gamma)
     meta = _meta(cfg, device, n, tune_seconds, time.perf_counter() - start)
     write_report(out, rows, meta)
     run_report(out / "tune")                    # the tuning run's own report: loss with stages, last grid
@@ -221,8 +233,9 @@ def _claim_folder(out: Path) -> None:
 def _meta(cfg: RunConfig, device, n: int, tune_seconds: float, total_seconds: float) -> dict:
     return {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, device {device}",
             "recipe": f"{RECIPE['name']} (--preset {RECIPE['preset']}: --method {cfg.loss.method}, "
-                      f"loss.P_mean={cfg.loss.P_mean:g}, ema.sigma_rel={cfg.ema.sigma_rel:g})",
+                      f"loss.P_mean={cfg.loss.P_mean:g}, ema.sigma_rel={cfg.ema.sigma_rel:g}; 2 steps at mid time "
+                      f"{', '.join(f'{t:g}' for t in cfg.sample.mid_ts)}, γ {cfg.sample.gamma:g})",
             "tune_steps": cfg.steps, "tune_batch": cfg.batch, "tune_images": cfg.steps * cfg.batch,
             "tune_seconds": tune_seconds, "teacher_images": 3840000, "num_samples": n,
-            "mid_ts": list(cfg.sample.mid_ts), "metric": "FD, ectune Fashion-MNIST classifier features",
+            "mid_ts": list(cfg.sample.mid_ts), "gamma": cfg.sample.gamma, "metric": "FD, ectune Fashion-MNIST classifier features",
             "total_seconds": total_seconds}

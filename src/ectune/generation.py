@@ -54,7 +54,7 @@ def choose_sampler(cfg: RunConfig, ckpt=None, *, sampler: str | None = None, ste
     if ts:
         return Sampler.consistency(_below_t_max(ts, cfg.sample.t_max), gamma)
     steps = DEFAULTS["steps"] if steps is None else steps
-    mid = mid_times(cfg, ckpt, steps) if mid_ts is None else mid_ts
+    mid = mid_times(cfg, ckpt, steps, gamma) if mid_ts is None else mid_ts
     return Sampler.consistency(default_consistency_times(steps, mid, cfg.sample.t_max), gamma)
 
 
@@ -80,11 +80,12 @@ def _below_t_max(ts: Sequence[float], t_max: float) -> list[float]:
     return ts
 
 
-def mid_times(cfg: RunConfig, ckpt, steps: int) -> list[float]:
-    """Mid times for `steps`-step sampling: the search result stored with `ckpt` for that step count,
-    else the config's sample.mid_ts."""
+def mid_times(cfg: RunConfig, ckpt, steps: int, gamma: float | None = None) -> list[float]:
+    """Mid times for `steps`-step sampling at re-noising `gamma` (default the config's): the search
+    result stored with `ckpt` for that step count and γ, else the config's sample.mid_ts."""
     from .midtime import stored_mid_times
-    stored = stored_mid_times(ckpt, steps) if ckpt is not None else None
+    gamma = cfg.sample.gamma if gamma is None else gamma
+    stored = stored_mid_times(ckpt, steps, gamma) if ckpt is not None else None
     return stored or list(cfg.sample.mid_ts)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import read_mid_times, resolve_weights, update_mid_times
+from .checkpoint import mid_times_key, read_mid_times, resolve_weights, update_mid_times
 from .errors import EctuneError
 from .progress import Progress
 from .sampling import Sampler, sample_images, seed_labels
@@ -91,19 +91,19 @@ def search_mid_and_gamma(D, shape, score: Callable, *, gammas: Sequence[float] =
     return list(mid), gamma, tried
 
 
-def stored_mid_times(ckpt, steps: int) -> list[float] | None:
-    """The searched mid times for `steps`-step sampling stored with a checkpoint, if any (the sidecar
-    `mid_times.json`, or the weights' metadata for files written before it). A corrupt sidecar or
-    entry raises EctuneError naming it."""
-    found = read_mid_times(resolve_weights(ckpt)).get(str(steps))
+def stored_mid_times(ckpt, steps: int, gamma: float = 1.0) -> list[float] | None:
+    """The searched mid times for `steps`-step sampling at re-noising `gamma` stored with a checkpoint,
+    if any (the sidecar `mid_times.json`, or the weights' metadata for files written before it). A
+    corrupt sidecar or entry raises EctuneError naming it."""
+    found = read_mid_times(resolve_weights(ckpt)).get(mid_times_key(steps, gamma))
     return found if found is not None and len(found) == steps - 1 else None
 
 
-def store_mid_times(ckpt, mid_ts: Sequence[float]) -> Path:
-    """Store searched mid times for (len(mid_ts) + 1)-step sampling with the checkpoint (see
-    `checkpoint.update_mid_times`: a sidecar beside the weights, which stay byte for byte as they were).
-    Returns the sidecar."""
-    return update_mid_times(resolve_weights(ckpt), mid_ts)
+def store_mid_times(ckpt, mid_ts: Sequence[float], gamma: float = 1.0) -> Path:
+    """Store searched mid times for (len(mid_ts) + 1)-step sampling at re-noising `gamma` with the
+    checkpoint (see `checkpoint.update_mid_times`: a sidecar beside the weights, which stay byte for
+    byte as they were). Returns the sidecar."""
+    return update_mid_times(resolve_weights(ckpt), mid_ts, gamma)
 
 
 def search_and_store(D, cfg, ckpt, score: Callable, *, steps: int, eval_seeds: Sequence[int], n: int = 1000,
@@ -121,7 +121,7 @@ def search_and_store(D, cfg, ckpt, score: Callable, *, steps: int, eval_seeds: S
         best, tried = search_mid_times(D, shape, score, steps=steps, candidates=cands, seeds=held,
                                        t_max=cfg.sample.t_max, batch=batch, device=device,
                                        class_labels=seed_labels(held, cfg.net.label_dim), progress=bar, gamma=gamma)
-    stored = store_mid_times(ckpt, best)
+    stored = store_mid_times(ckpt, best, gamma)
     if log is not None:
         log(f"best mid times {[round(t, 4) for t in best]} on {len(held)} held-out seeds; stored in {stored}")
     return {"mid_ts": best, "heldout_seeds": [held[0], held[-1] + 1], "tried": tried}
