@@ -22,6 +22,19 @@ def gaussian_denoiser():
     return GaussianDenoiser()
 
 
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """A folder with d.npz (40 random 28×28 images) and teacher/, a 2-step `--preset tiny` pretrain run on it."""
+    import numpy as np
+
+    from ectune.cli import main
+    root = tmp_path_factory.mktemp("tiny-teacher")
+    np.savez(root / "d.npz", images=np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8))
+    assert main(["pretrain", "--preset", "tiny", "--data", str(root / "d.npz"), "--steps", "2",
+                 "--out", str(root / "teacher"), "--no-progress"]) == 0
+    return root
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """The tests' tiny models run as fast on one thread, and a busy machine does not stall a second one."""

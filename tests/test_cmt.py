@@ -2,7 +2,6 @@
 a brute-force computation, whole trajectories per micro-batch, and a CMT run continued by SCT through
 the CLI (resumable exactly; CD and TCM refuse it as a start)."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,13 +14,6 @@ from ectune.presets import preset
 from ectune.sampling import sample_dpmpp_2m
 from ectune.schedules import karras_sigmas
 
-MU, S = 0.3, 0.5                                # toy data: x0 ~ N(MU, S²) per pixel
-
-
-def gauss_denoiser(x, sigma, class_labels=None):
-    """E[x0 | x_σ] for x0 ~ N(MU, S²): the exact denoiser, so the PF-ODE has a closed form."""
-    s = sigma.reshape(-1, *[1] * (x.ndim - 1)).to(x.dtype)
-    return MU + S**2 / (S**2 + s**2) * (x - MU)
 
 
 class Student(torch.nn.Module):
@@ -33,50 +25,51 @@ class Student(torch.nn.Module):
         return self.a * x + self.b * sigma.reshape(-1, 1, 1, 1).to(x.dtype)
 
 
-def test_the_trajectory_states_lie_on_the_pf_ode_and_leave_the_samples_alone():
+def test_the_trajectory_states_lie_on_the_pf_ode_and_leave_the_samples_alone(gaussian_denoiser):
     sig = karras_sigmas(400)
     x = torch.randn(3, 1, 2, 2, dtype=torch.float64) * 80
     states = []
-    out = sample_dpmpp_2m(gauss_denoiser, x, sig.tolist(), states=states)
-    assert torch.equal(out, sample_dpmpp_2m(gauss_denoiser, x, sig.tolist()))
+    out = sample_dpmpp_2m(gaussian_denoiser, x, sig.tolist(), states=states)
+    assert torch.equal(out, sample_dpmpp_2m(gaussian_denoiser, x, sig.tolist()))
     assert len(states) == 400 and torch.equal(states[0], x)
+    MU, S = gaussian_denoiser.mu, gaussian_denoiser.s              # its data: x0 ~ N(MU, S²) per pixel
     for i in (50, 200, 399):                    # x_σ = MU + sqrt((S² + σ²)/(S² + σ0²))·(x_σ0 − MU)
         exact = MU + ((S**2 + sig[i] ** 2) / (S**2 + sig[0] ** 2)).sqrt() * (x - MU)
         assert torch.allclose(states[i], exact, atol=2e-3 * float(sig[i]) + 1e-4)
 
 
 @pytest.mark.parametrize("c", [0.0, 0.03])
-def test_cmt_loss_is_the_distance_from_each_state_to_its_trajectorys_end(c):
+def test_cmt_loss_is_the_distance_from_each_state_to_its_trajectorys_end(c, gaussian_denoiser):
     sig, m, groups = karras_sigmas(5), 4, 3
     noise = torch.randn(groups * m, 1, 3, 3)
     t = sig[:m].float().repeat(groups)
     D = Student()
-    got = cmt_loss(D, gauss_denoiser, t, noise, sig, c=c)
+    got = cmt_loss(D, gaussian_denoiser, t, noise, sig, c=c)
     want = []
     for g in range(groups):                     # brute force: one trajectory at a time
         states = []
-        end = sample_dpmpp_2m(gauss_denoiser, noise[g * m:g * m + 1].double() * 80, sig.tolist(), states=states)
+        end = sample_dpmpp_2m(gaussian_denoiser, noise[g * m:g * m + 1].double() * 80, sig.tolist(), states=states)
         for i in range(m):
             pred = D(states[i].float(), sig[i:i + 1].float())
             want.append(pseudo_huber(((pred - end.float()) ** 2).sum().reshape(1), c))
     assert torch.allclose(got, torch.cat(want), rtol=1e-5)
     other = noise.clone()
     other[1::m] += 1                            # only each group's first noise starts its trajectory
-    assert torch.equal(cmt_loss(D, gauss_denoiser, t, other, sig, c=c), got)
-    halves = torch.cat([cmt_loss(D, gauss_denoiser, t[:m], noise[:m], sig, c=c),
-                        cmt_loss(D, gauss_denoiser, t[m:], noise[m:], sig, c=c)])
+    assert torch.equal(cmt_loss(D, gaussian_denoiser, t, other, sig, c=c), got)
+    halves = torch.cat([cmt_loss(D, gaussian_denoiser, t[:m], noise[:m], sig, c=c),
+                        cmt_loss(D, gaussian_denoiser, t[m:], noise[m:], sig, c=c)])
     assert torch.allclose(halves, got, rtol=1e-6)                    # micro-batches of whole trajectories
     got.sum().backward()
     assert D.a.grad is not None and D.a.grad != 0
 
 
-def test_a_conditional_trajectory_and_all_its_rows_take_its_first_rows_class():
+def test_a_conditional_trajectory_and_all_its_rows_take_its_first_rows_class(gaussian_denoiser):
     sig, m = karras_sigmas(4), 3
     seen = []
 
     def teacher(x, sigma, labels):
         seen.append(labels.clone())
-        return gauss_denoiser(x, sigma) + labels.argmax(1).reshape(-1, 1, 1, 1).to(x.dtype)
+        return gaussian_denoiser(x, sigma) + labels.argmax(1).reshape(-1, 1, 1, 1).to(x.dtype)
 
     def student(x, sigma, labels):
         seen.append(labels.clone())
@@ -87,12 +80,12 @@ def test_a_conditional_trajectory_and_all_its_rows_take_its_first_rows_class():
     assert torch.equal(seen[-1], labels[[0, 0, 0, 3, 3, 3]])                            # the student's
 
 
-def test_cmt_refuses_rows_that_are_not_whole_trajectories():
+def test_cmt_refuses_rows_that_are_not_whole_trajectories(gaussian_denoiser):
     sig = karras_sigmas(5)
     with pytest.raises(EctuneError, match="multiple of 4"):
-        cmt_loss(Student(), gauss_denoiser, sig[:4].float().repeat(2)[:6], torch.randn(6, 1, 2, 2), sig)
+        cmt_loss(Student(), gaussian_denoiser, sig[:4].float().repeat(2)[:6], torch.randn(6, 1, 2, 2), sig)
     with pytest.raises(EctuneError, match="trajectories of 4 points"):
-        cmt_loss(Student(), gauss_denoiser, sig[:4].float().flip(0), torch.randn(4, 1, 2, 2), sig)
+        cmt_loss(Student(), gaussian_denoiser, sig[:4].float().flip(0), torch.randn(4, 1, 2, 2), sig)
     cfg = preset("tiny", "tune")
     cmt = METHODS["cmt"]
     for batch, micro, world in [(16, 0, 1), (16, 8, 2), (32, 8, 2)]:
@@ -107,16 +100,8 @@ def _with(cfg, batch, micro):
     return replace(cfg, batch=batch, engine=replace(cfg.engine, micro_batch=micro))
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cmt")
-    np.savez(root / "d.npz", images=np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8))
-    assert main(["pretrain", "--preset", "tiny", "--data", str(root / "d.npz"), "--steps", "2",
-                 "--out", str(root / "teacher"), "--no-progress"]) == 0
-    return root
-
-
-def test_cmt_then_sct_through_the_cli_resumes_exactly(teacher, tmp_path, capsys):
+def test_cmt_then_sct_through_the_cli_resumes_exactly(tiny_teacher, tmp_path, capsys):
+    teacher = tiny_teacher
     args = ["tune", "--method", "cmt", "--teacher", str(teacher / "teacher"), "--batch", "4", "--no-progress",
             "--set", "loss.cmt_steps=3", "--set", "log_every=1"]
     assert main([*args, "--steps", "3", "--out", str(tmp_path / "straight")]) == 0

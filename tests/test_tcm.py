@@ -83,13 +83,11 @@ def test_tcm_draws_boundary_rows_and_weights_them():
 
 
 @pytest.fixture(scope="module")
-def stage1(tmp_path_factory):
+def stage1(tiny_teacher, tmp_path_factory):
     root = tmp_path_factory.mktemp("tcm")
-    np.savez(root / "d.npz", images=np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8))
-    assert main(["pretrain", "--preset", "tiny", "--data", str(root / "d.npz"), "--steps", "2",
-                 "--out", str(root / "teacher"), "--no-progress"]) == 0
-    assert main(["tune", "--teacher", str(root / "teacher"), "--steps", "6", "--set", "net.dropout=0.1",
+    assert main(["tune", "--teacher", str(tiny_teacher / "teacher"), "--steps", "6", "--set", "net.dropout=0.1",
                  "--out", str(root / "ect"), "--no-progress"]) == 0
+    (root / "teacher").symlink_to(tiny_teacher / "teacher")
     return root
 
 
