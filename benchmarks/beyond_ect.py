@@ -12,8 +12,9 @@ row uses CTM's γ-sampling, mid time and γ searched together on the same held-o
     ect-pm06     exact ECT with ln t ~ N(-0.6, 2²)
     sct-pm06     both
     sct-pm06+tcm sct-pm06 for half the steps, then TCM's second stage (`--method tcm`) for the rest
-    sct-pm06-ema015  sct-pm06 with a power EMA of σ_rel 0.015 (the recipe of `--preset fmnist-short`,
-                 chosen by benchmarks/recipe_sweep.py on held-out seeds)
+    sct-pm06-ema015  sct-pm06 with a power EMA of σ_rel 0.015 (fmnist-short's first recipe)
+    sct-pm02-ps24-ema015  SCT with ln t ~ N(-0.2, 2.4²) and σ_rel 0.015: the recipe of `--preset
+                 fmnist-short`, chosen by benchmarks/recipe_sweep.py on held-out seeds
     cmt          consistency mid-training alone (`--method cmt`: the teacher's 9-level DPM-Solver++
                  trajectories, each point regressed onto the trajectory's end), σ_rel 0.015 (only
                  with --recipes cmt; by default it is the first stage of the next one)
@@ -52,7 +53,8 @@ RECIPES = {
     "ect-pm06": ("ect", ["loss.P_mean=-0.6"]),
     "sct-pm06": ("sct", ["loss.P_mean=-0.6"]),
     "sct-pm06+tcm": ("tcm", []),            # sct-pm06 for half the steps, then TCM's second stage for the rest
-    "sct-pm06-ema015": ("sct", ["loss.P_mean=-0.6", "ema.sigma_rel=0.015"]),   # the fmnist-short preset's recipe
+    "sct-pm06-ema015": ("sct", ["loss.P_mean=-0.6", "ema.sigma_rel=0.015"]),   # fmnist-short until 2026-12-01
+    "sct-pm02-ps24-ema015": ("sct", ["loss.P_mean=-0.2", "loss.P_std=2.4", "ema.sigma_rel=0.015"]),   # fmnist-short
     "cmt": ("cmt", ["ema.sigma_rel=0.015"]),  # consistency mid-training alone (the first stage below)
     "cmt+sct-pm06-ema015": ("sct", ["loss.P_mean=-0.6", "ema.sigma_rel=0.015"]),   # CMT for a quarter, then SCT
 }

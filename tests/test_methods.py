@@ -125,7 +125,7 @@ def test_the_method_is_the_presets_own_unless_given(tmp_path):
     from ectune.start import tune_base
     teacher = str(shipped_teacher())
     short = tune_base(None, teacher, "fmnist-short", None, tmp_path / "a").cfg
-    assert (short.loss.method, short.loss.P_mean, short.ema.sigma_rel) == ("sct", -0.6, 0.015)
+    assert (short.loss.method, short.loss.P_mean, short.loss.P_std, short.ema.sigma_rel) == ("sct", -0.2, 2.4, 0.015)
     assert (short.sample.mid_ts, short.sample.gamma) == ((3.0,), 0.0)
     assert tune_base("ect", teacher, "fmnist-short", None, tmp_path / "b").cfg.loss.method == "ect"
     default = tune_base(None, teacher, None, None, tmp_path / "c").cfg

@@ -1,7 +1,8 @@
 """`ectune demo`: tune the shipped Fashion-MNIST teacher on a fixed budget with the recipe measured best
 for such budgets (the `fmnist-short` preset: ECT with the variance-reduced r-point, `--method sct`,
-ln t ~ N(−0.6, 2²) and a power EMA of σ_rel 0.015; benchmarks/recipe_sweep.py), then put the teacher
-(DPM-Solver++(2M) at 5, 9 and 17 NFE) and the tuned model (1/2 NFE) side by side on the same seeds.
+ln t ~ N(−0.2, 2.4²), a power EMA of σ_rel 0.015 and 2-step γ-sampling at γ 0; benchmarks/recipe_sweep.py),
+then put the teacher (DPM-Solver++(2M) at 5, 9 and 17 NFE) and the tuned model (1/2 NFE) side by side on
+the same seeds.
 
 Writes into the output folder: tune/ (the ECT run), grid.png, report.json, report.md, quality_vs_nfe.png.
 """
@@ -233,7 +234,8 @@ def _claim_folder(out: Path) -> None:
 def _meta(cfg: RunConfig, device, n: int, tune_seconds: float, total_seconds: float) -> dict:
     return {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, device {device}",
             "recipe": f"{RECIPE['name']} (--preset {RECIPE['preset']}: --method {cfg.loss.method}, "
-                      f"loss.P_mean={cfg.loss.P_mean:g}, ema.sigma_rel={cfg.ema.sigma_rel:g}; 2 steps at mid time "
+                      f"loss.P_mean={cfg.loss.P_mean:g}, loss.P_std={cfg.loss.P_std:g}, ema.sigma_rel={cfg.ema.sigma_rel:g}; "
+                      f"2 steps at mid time "
                       f"{', '.join(f'{t:g}' for t in cfg.sample.mid_ts)}, γ {cfg.sample.gamma:g})",
             "tune_steps": cfg.steps, "tune_batch": cfg.batch, "tune_images": cfg.steps * cfg.batch,
             "tune_seconds": tune_seconds, "teacher_images": 3840000, "num_samples": n,
