@@ -34,3 +34,30 @@ def test_tune_run_is_the_cli_run_with_the_same_settings(tmp_path):
     stamp = (out / "log.jsonl").stat().st_mtime_ns
     assert tune_run(out, teacher, "sct", steps=2, batch=4, seed=3, data=fmnist_small) == out   # finished: kept
     assert (out / "log.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_a_signal_stops_a_benchmark_run_instead_of_scoring_it_unfinished(tmp_path):
+    """SIGTERM during tune_run checkpoints and exits the process (SystemExit): no caller scores a run
+    that stopped early (the same call continues it, as any run continues: test_resume)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import pytest
+    teacher, small = str(shipped_teacher()), str(tmp_path / "small.npz")
+    np.savez(small, images=np.random.default_rng(0).integers(0, 256, (32, 1, 28, 28), dtype=np.uint8))
+    kw = dict(steps=200, batch=4, seed=0, data=small, overrides=["loss.sct_refs=8", "ckpt_every=10"])
+    log = tmp_path / "run" / "log.jsonl"
+
+    def signal_once_it_trains():                # the first log record is step 10 (log_every=10)
+        while not (log.exists() and log.stat().st_size):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+    thread = threading.Thread(target=signal_once_it_trains, daemon=True)
+    thread.start()
+    with pytest.raises(SystemExit, match="stopped at step .* of 200"):
+        tune_run(tmp_path / "run", teacher, "sct", **kw)
+    thread.join(5)
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert saved and int(saved[-1]) < 200                     # checkpointed where it stopped, not finished

@@ -150,7 +150,8 @@ def tune_run(out: Path, teacher: str, method: str, *, steps: int, batch: int, se
              data: str = "fashion-mnist", overrides=(), device: str = "auto") -> Path:
     """The tune run `out` with the benchmarks' settings (fmnist preset, a checkpoint every 50 steps, one
     grid at the end, a log record every 10 steps), trained or continued through the library as
-    `ectune tune` would; a finished run is returned as it is (without taking its lock)."""
+    `ectune tune` would; a finished run is returned as it is (without taking its lock). A run stopped
+    by a signal exits the process (SystemExit) instead of returning a run that is not finished."""
     from .models import resolve_device
     from .runs import train_run
     from .start import configure, fit_preset_eval, tune_base, tune_parts
@@ -162,7 +163,9 @@ def tune_run(out: Path, teacher: str, method: str, *, steps: int, batch: int, se
     cfg, notes = fit_preset_eval(configure(base.cfg, overrides=sets, steps=steps, batch=batch, seed=seed,
                                            data=data), sets)
     ds, D, frozen = tune_parts(cfg, base)
-    train_run(cfg, out, ds, D, device=resolve_device(device), teacher=frozen, progress=False, notes=tuple(notes))
+    r = train_run(cfg, out, ds, D, device=resolve_device(device), teacher=frozen, progress=False, notes=tuple(notes))
+    if r.status == "stopped":               # a signal: checkpointed, and nothing may score the unfinished run
+        raise SystemExit(f"{out} stopped at step {r.step} of {steps} (a signal); run the same command again to continue")
     return out
 
 
