@@ -20,8 +20,8 @@ row uses CTM's γ-sampling, mid time and γ searched together on the same held-o
                  with --recipes cmt; by default it is the first stage of the next one)
     cmt+sct-pm06-ema015  cmt for a quarter of the steps, then sct-pm06-ema015 from it for the rest
 
-With --headline-n 10000 exact ECT and the best recipe (by mean 2-step FD at --n) are also scored on
-that many seeds (0, 1, ...; the same mid times), beside their --n rows.
+With --headline-n 10000 the --headline-recipes (exact ECT and fmnist-short's recipe) are also scored
+on that many seeds (0, 1, ...; the same mid times and γ), beside their --n rows.
 
 With --curve 100,200,800 the recipes of --curve-recipes are also tuned for those step budgets (their
 own stage schedules, not earlier steps of the long run) and fd_vs_images.png plots FD against tuning
@@ -80,7 +80,8 @@ def tune_recipe(runs: Path, name: str, args, seed: int, steps: int) -> tuple[Pat
 def recipe_row(cache: RowCache, runs: Path, name: str, args, seed: int, steps: int, seeds, ref) -> dict:
     """1- and 2-step rows of the recipe's run of `steps` on `seed` (images and seconds of both stages)."""
     run, stage1 = tune_recipe(runs, name, args, seed, steps)
-    row = consistency_rows(cache, run, f"{name}-{steps}-s{seed}", seeds, ref, args.n_search, gamma=True)
+    row = consistency_rows(cache, run, f"{name}-{steps}-s{seed}", seeds, ref, args.n_search,
+                           gamma=name in args.gamma_recipes.split(","))
     if stage1 is not None:
         cfg = read_config(stage1 / "config.json")
         row = {**row, "images": row["images"] + cfg.steps * cfg.batch,
@@ -99,15 +100,16 @@ def summarise(rows: dict, cost: dict, headline: dict, n_big: int = 0) -> dict:
     cost is that of its dearer stage."""
     out = {}
     for name, per_seed in rows.items():
-        big = {f"{k}_fd_n{n_big}_seeds": [r[k]["fd"] for r in headline[name].values()]
+        big = {f"{k}_fd_n{n_big}_seeds": [r[k]["fd"] for r in headline[name].values() if k in r]
                for k in ("2step", "2step_gamma", "1step")} if name in headline else {}
         two = [r["2step"]["fd"] for r in per_seed.values()]
         one = [r["1step"]["fd"] for r in per_seed.values()]
-        two_g = [r["2step_gamma"]["fd"] for r in per_seed.values()]
+        two_g = [r["2step_gamma"]["fd"] for r in per_seed.values() if "2step_gamma" in r]
         out[name] = {"2step_fd": float(np.mean(two)), "1step_fd": float(np.mean(one)),
                      "2step_fd_seeds": two, "1step_fd_seeds": one,
-                     "2step_gamma_fd": float(np.mean(two_g)), "2step_gamma_fd_seeds": two_g,
-                     "gamma": {s: [r["gamma"], r["gamma_mid_ts"]] for s, r in per_seed.items()},
+                     "2step_gamma_fd": float(np.mean(two_g)) if len(two_g) == len(per_seed) else None,
+                     "2step_gamma_fd_seeds": two_g,
+                     "gamma": {s: [r["gamma"], r["gamma_mid_ts"]] for s, r in per_seed.items() if "gamma" in r},
                      "mid_ts": {s: r["mid_ts"] for s, r in per_seed.items()},
                      "train_seconds": [r["train_seconds"] for r in per_seed.values()],
                      "iter_over_edm_iter": max(cost[m] for m in stage_methods(name)) / cost["edm"], **big}
@@ -127,7 +129,8 @@ def write_outputs(out: Path, summary: dict, args) -> None:
         one = " / ".join(f"{v:.1f}" for v in r["1step_fd_seeds"])
         head = " ; ".join(" / ".join(f"{v:.1f}" for v in r[f"{k}_fd_{big}_seeds"])
                           for k in ("2step", "2step_gamma", "1step")) if f"2step_fd_{big}_seeds" in r else "—"
-        lines.append(f"| {name} | {r['2step_fd']:.1f} ({two}) | {r['2step_gamma_fd']:.1f} ({two_g}; {gammas}) | "
+        gamma_cell = f"{r['2step_gamma_fd']:.1f} ({two_g}; γ {gammas})" if r["2step_gamma_fd"] is not None else "—"
+        lines.append(f"| {name} | {r['2step_fd']:.1f} ({two}) | {gamma_cell} | "
                      f"{r['1step_fd']:.1f} ({one}) | "
                      f"{r['iter_over_edm_iter']:.2f} | {head} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
@@ -138,11 +141,14 @@ def write_outputs(out: Path, summary: dict, args) -> None:
     for name, r in summary.items():
         key = name.replace("-", "_")
         keys.update({f"{key}_2step_fd": r["2step_fd"], f"{key}_1step_fd": r["1step_fd"],
-                     f"{key}_2step_gamma_fd": r["2step_gamma_fd"],
+                     **({f"{key}_2step_gamma_fd": r["2step_gamma_fd"]} if r["2step_gamma_fd"] is not None else {}),
                      f"{key}_iter_over_edm_iter": r["iter_over_edm_iter"]})
         keys.update({f"{key}_{k}_fd_{big}": float(np.mean(r[f"{k}_fd_{big}_seeds"]))
-                     for k in ("2step", "2step_gamma", "1step") if f"{k}_fd_{big}_seeds" in r})
+                     for k in ("2step", "2step_gamma", "1step") if r.get(f"{k}_fd_{big}_seeds")})
     keys["best_method"] = best
+    searched = {n: r["2step_gamma_fd"] for n, r in summary.items() if r["2step_gamma_fd"] is not None}
+    if searched:                                    # by 2-step FD with γ-sampling, among the recipes searched
+        keys["best_method_gamma"] = min(searched, key=searched.get)
     keys["beyond_ect_budget_images"] = args.steps * args.batch
     path.write_text(json.dumps(keys, indent=1))
     plot(out / "beyond_ect.png", summary, args)
@@ -202,8 +208,11 @@ def main() -> None:
     ap.add_argument("--recipes", default=",".join(r for r in RECIPES if r not in FIRST_STAGES_ONLY))
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--n-search", type=int, default=500)
-    ap.add_argument("--headline-n", type=int, default=0, help="also score exact ECT and the best recipe on this "
-                    "many samples (e.g. 10000)")
+    ap.add_argument("--gamma-recipes", default="ect,sct-pm06-ema015,sct-pm02-ps24-ema015,cmt+sct-pm06-ema015",
+                    help="recipes that also get a 2-step row with γ-sampling (mid time and γ searched on held-out seeds)")
+    ap.add_argument("--headline-n", type=int, default=0, help="also score the --headline-recipes on this many "
+                    "samples (e.g. 10000)")
+    ap.add_argument("--headline-recipes", default="ect,sct-pm02-ps24-ema015", help="exact ECT and the preset's recipe")
     ap.add_argument("--curve", default="", help="more step budgets (e.g. 100,200,800) for the plot of FD against "
                     "tuning images, beside --steps")
     ap.add_argument("--curve-recipes", default="ect,sct-pm06", help="the recipes of that plot")
@@ -230,9 +239,8 @@ def main() -> None:
              for name in args.curve_recipes.split(",") if budgets}
     headline = {}
     if args.headline_n:
-        mean_two = {name: np.mean([r["2step"]["fd"] for r in per_seed.values()]) for name, per_seed in rows.items()}
         big = list(range(args.headline_n))
-        for name in dict.fromkeys(n for n in ("ect", min(mean_two, key=mean_two.get)) if n in rows):
+        for name in dict.fromkeys(n for n in args.headline_recipes.split(",") if n in rows):
             headline[name] = {seed: recipe_row(cache, runs, name, args, seed, args.steps, big, ref)
                               for seed in tuning_seeds}
     if args.no_cost:

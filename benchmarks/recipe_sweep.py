@@ -93,7 +93,8 @@ def write_outputs(out: Path, results: dict, args) -> None:
                      f"{np.mean([r['1step_fd'] for r in per_seed.values()]):.1f} ({one}) | "
                      f"{np.mean([r['online']['2step_fd'] for r in per_seed.values()]):.1f} / "
                      f"{np.mean([r['online']['1step_fd'] for r in per_seed.values()]):.1f} | "
-                     + " / ".join(f"{r['gamma']['2step_fd']:.1f} ({r['gamma']['gamma']:g})" for r in per_seed.values())
+                     + (" / ".join(f"{r['gamma']['2step_fd']:.1f} ({r['gamma']['gamma']:g})" if "gamma" in r else "—"
+                                   for r in per_seed.values()))
                      + f" | {r0['steps']} × {r0['batch']} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -129,6 +130,8 @@ def main() -> None:
     ap.add_argument("--n-search", type=int, default=500)
     ap.add_argument("--teacher", default=str(shipped_teacher()))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--gamma-settings", default="ema0.015,pmean-0.2-pstd2.4-ema0.015",
+                    help="settings whose γ-sampling row is computed (others show a cached one, else —)")
     args = ap.parse_args()
     unknown = set(args.settings.split(",")) - set(SETTINGS)
     if unknown:
@@ -148,7 +151,8 @@ def main() -> None:
             r = json.loads(path.read_text())
             run = runs / f"{name}-{r['steps']}x{r['batch']}-s{seed}"
             r["online"] = cache.get(f"online-{name}-s{seed}", lambda: online_rows(run, r["mid_ts"], seeds, ref))
-            r["gamma"] = cache.get(f"gamma-{name}-s{seed}", lambda: gamma_row(cache, run, name, seed, args, seeds, ref))
+            if name in args.gamma_settings.split(",") or cache.has(f"gamma-{name}-s{seed}"):
+                r["gamma"] = cache.get(f"gamma-{name}-s{seed}", lambda: gamma_row(cache, run, name, seed, args, seeds, ref))
             results.setdefault(name, {})[int(seed)] = r
     write_outputs(out, dict(sorted(results.items(), key=lambda kv: list(SETTINGS).index(kv[0]))), args)
 

@@ -36,6 +36,10 @@ class RowCache:
         self.root = Path(root) / "rows"
         self.root.mkdir(parents=True, exist_ok=True)
 
+    def has(self, name: str) -> bool:
+        """Whether the row `name` is cached."""
+        return (self.root / f"{name}.json").is_file()
+
     def get(self, name: str, fn, *, wait: bool = True):
         """The cached value of `name`, computing it with `fn` if no process has. A second process running
         the same command skips the rows the first one is computing (`wait=False` returns None for them),
