@@ -280,17 +280,18 @@ def _log(cfg, s: TrainState, loss, info, rate, log, monitor, bar) -> None:
 
 
 def _at_cadence(cfg, run_dir, s: TrainState, shape, monitor, started: float) -> None:
-    """What a finite step s.step is due: the in-loop evaluation (before its checkpoint: a resume redoes
-    it or has it), the checkpoint (so checkpoints stay "good"), the sample grid."""
+    """What a finite step s.step is due: the in-loop evaluation and the sample grid, then the checkpoint
+    (so checkpoints stay "good"). Both come before the step's checkpoint: a kill in between resumes from
+    the previous checkpoint and redoes them, so a kill never loses a grid or an evaluation."""
     last = s.step == cfg.steps
     if eval_due(cfg, s.step):
         distributed.on_main(lambda: monitor.evaluate(s, started))
-    if s.step % cfg.ckpt_every == 0 or last:
-        save(run_dir, cfg, s)
     if s.step % cfg.sample_every == 0 or last:
         paths = distributed.on_main(lambda: write_grid(run_dir, cfg, s, shape))
         for path in (paths or []) if monitor is not None else []:
             monitor.grid(path, s.step)
+    if s.step % cfg.ckpt_every == 0 or last:
+        save(run_dir, cfg, s)
 
 
 def _loggable(info: dict) -> dict:
