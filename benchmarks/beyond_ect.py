@@ -81,7 +81,7 @@ def recipe_row(cache: RowCache, runs: Path, name: str, args, seed: int, steps: i
     """1- and 2-step rows of the recipe's run of `steps` on `seed` (images and seconds of both stages)."""
     run, stage1 = tune_recipe(runs, name, args, seed, steps)
     row = consistency_rows(cache, run, f"{name}-{steps}-s{seed}", seeds, ref, args.n_search,
-                           gamma=name in args.gamma_recipes.split(","))
+                           gamma=name in args.gamma_recipes.split(",") and steps == args.steps)   # (not the curve's)
     if stage1 is not None:
         cfg = read_config(stage1 / "config.json")
         row = {**row, "images": row["images"] + cfg.steps * cfg.batch,
@@ -119,9 +119,9 @@ def summarise(rows: dict, cost: dict, headline: dict, n_big: int = 0) -> dict:
 def write_outputs(out: Path, summary: dict, args) -> None:
     (out / "results.json").write_text(json.dumps({"command": vars(args), "recipes": summary}, indent=1))
     big = f"n{args.headline_n}"
-    lines = [f"| recipe | 2-step FD (seeds) | 2-step FD, γ-sampling (seeds; γ) | 1-step FD (seeds) | "
-             f"iteration / EDM iteration | 2-step ; γ 2-step ; 1-step FD, {args.headline_n} samples (seeds) |",
-             "|---|---|---|---|---|---|"]
+    extra = f" 2-step ; γ 2-step ; 1-step FD, {args.headline_n} samples (seeds) |" if args.headline_n else ""
+    lines = ["| recipe | 2-step FD (seeds) | 2-step FD, γ-sampling (seeds; γ) | 1-step FD (seeds) | "
+             "iteration / EDM iteration |" + extra, "|---|---|---|---|---|" + ("---|" if extra else "")]
     for name, r in summary.items():
         two = " / ".join(f"{v:.1f}" for v in r["2step_fd_seeds"])
         two_g = " / ".join(f"{v:.1f}" for v in r["2step_gamma_fd_seeds"])
@@ -132,7 +132,7 @@ def write_outputs(out: Path, summary: dict, args) -> None:
         gamma_cell = f"{r['2step_gamma_fd']:.1f} ({two_g}; γ {gammas})" if r["2step_gamma_fd"] is not None else "—"
         lines.append(f"| {name} | {r['2step_fd']:.1f} ({two}) | {gamma_cell} | "
                      f"{r['1step_fd']:.1f} ({one}) | "
-                     f"{r['iter_over_edm_iter']:.2f} | {head} |")
+                     f"{r['iter_over_edm_iter']:.2f} |" + (f" {head} |" if extra else ""))
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     best = min(summary, key=lambda n: summary[n]["2step_fd"])
