@@ -73,20 +73,16 @@ def search_mid_and_gamma(D, shape, score: Callable, *, gammas: Sequence[float] =
                          class_labels=None) -> tuple[list[float], float, list[dict]]:
     """Best (mid time, γ) of 2-step sampling, coordinate-wise: the mid time at γ = 1, then γ over
     `gammas` at that mid time, then the mid time again at that γ. Returns (mid times, γ, tried rows)."""
-    kw = dict(steps=2, candidates=candidates, seeds=seeds, t_max=t_max, batch=batch, device=device,
-              class_labels=class_labels)
-    seeds = list(seeds if seeds is not None else range(HELDOUT_SEED0, HELDOUT_SEED0 + 1000))
-    kw["seeds"] = seeds
-    mid, tried = search_mid_times(D, shape, score, **kw)
+    kw = dict(steps=2, seeds=seeds, t_max=t_max, batch=batch, device=device, class_labels=class_labels)
+    mid, tried = search_mid_times(D, shape, score, candidates=candidates, **kw)
     scores = {1.0: min(r["score"] for r in tried)}                # the first search's best, at γ = 1
-    for g in (float(g) for g in gammas if float(g) != 1):
-        x = sample_images(D, seeds, shape, Sampler.consistency([t_max, *mid], g), batch=batch, device=device,
-                          class_labels=class_labels)
-        scores[g] = float(score(x))
-        tried.append({"mid_ts": list(mid), "score": scores[g], "gamma": g})
+    for g in (float(g) for g in gammas if float(g) != 1):         # (a search over the one mid time)
+        _, rows = search_mid_times(D, shape, score, candidates=mid, gamma=g, **kw)
+        scores[g] = rows[0]["score"]
+        tried += rows
     gamma = min(scores, key=scores.get)
     if gamma != 1:                  # (the candidates hold the first mid time: the result is no worse)
-        mid, more = search_mid_times(D, shape, score, **kw, gamma=gamma)
+        mid, more = search_mid_times(D, shape, score, candidates=candidates, gamma=gamma, **kw)
         tried += more
     return list(mid), gamma, tried
 
