@@ -306,7 +306,7 @@ def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="tune the shipped Fashion-MNIST teacher and compare, in minutes")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--minutes", type=float, help="size the tuning budget to finish in this wall time "
-                   f"(default: a fixed {DEMO_STEPS} steps, ~8.5 min on 2 CPU cores)")
+                   f"(default: a fixed {DEMO_STEPS} steps: the same model on every machine)")
     p.add_argument("--n", type=int, default=1000, help="samples per evaluated row")
     p.add_argument("--steps", type=int, help=f"tuning steps (default {DEMO_STEPS})")
     p.add_argument("--device", default="auto")
