@@ -23,6 +23,10 @@ row uses CTM's γ-sampling, mid time and γ searched together on the same held-o
 With --headline-n 10000 the --headline-recipes (exact ECT and fmnist-short's recipe) are also scored
 on that many seeds (0, 1, ...; the same mid times and γ), beside their --n rows.
 
+With --big-steps 6000 the --big-recipes are also tuned for that many steps (6,000 × 64 = 384k images, 10%
+of the teacher's pretraining images) on --big-seeds, with the same rows; exact ECT's rows at that budget
+come from the main benchmark's cache (benchmarks/ect_benchmark.py --budgets ...,6000), when it is there.
+
 With --curve 100,200,800 the recipes of --curve-recipes are also tuned for those step budgets (their
 own stage schedules, not earlier steps of the long run) and fd_vs_images.png plots FD against tuning
 images, --curve-n samples per point.
@@ -80,8 +84,8 @@ def tune_recipe(runs: Path, name: str, args, seed: int, steps: int) -> tuple[Pat
 def recipe_row(cache: RowCache, runs: Path, name: str, args, seed: int, steps: int, seeds, ref) -> dict:
     """1- and 2-step rows of the recipe's run of `steps` on `seed` (images and seconds of both stages)."""
     run, stage1 = tune_recipe(runs, name, args, seed, steps)
-    row = consistency_rows(cache, run, f"{name}-{steps}-s{seed}", seeds, ref, args.n_search,
-                           gamma=name in args.gamma_recipes.split(",") and steps == args.steps)   # (not the curve's)
+    row = consistency_rows(cache, run, f"{name}-{steps}-s{seed}", seeds, ref, args.n_search,   # (not the curve's)
+                           gamma=name in args.gamma_recipes.split(",") and steps in (args.steps, args.big_steps))
     if stage1 is not None:
         cfg = read_config(stage1 / "config.json")
         row = {**row, "images": row["images"] + cfg.steps * cfg.batch,
@@ -92,6 +96,33 @@ def recipe_row(cache: RowCache, runs: Path, name: str, args, seed: int, steps: i
 def stage_methods(name: str) -> list[str]:
     """The training methods of a recipe's stages (the first stage's too, for a two-stage recipe)."""
     return [RECIPES[name][0]] + ([RECIPES[STAGE1[name][0]][0]] if name in STAGE1 else [])
+
+
+def ect_bench_rows(n: int, steps: int) -> dict:
+    """Exact ECT's 1- and 2-step FD at `steps` × 64 images on `n` samples, from the main benchmark's row cache
+    (benchmarks/ect_benchmark.py, the shipped w16 teacher, mid time searched on held-out seeds), or {}."""
+    rows = Path("benchmarks/results/bench/rows")
+    one, two = rows / f"n{n}-ect-w16-{steps}-1step.json", sorted(rows.glob(f"n{n}-ect-w16-{steps}-2step-mid*.json"))
+    if not one.exists() or len(two) != 1:
+        return {}
+    return {"1step_fd": json.loads(one.read_text())["fd"], "2step_fd": json.loads(two[0].read_text())["fd"],
+            "source": f"benchmarks/results/bench/rows ({one.name}, {two[0].name})"}
+
+
+def summarise_big(big: dict, steps: int, batch: int, n: int) -> dict:
+    """Per recipe of --big-recipes, its rows at `steps` (per seed), beside exact ECT's from the main benchmark."""
+    out = {name: {"steps": steps, "images": steps * batch, "seeds": list(per_seed),
+                  **{f"{k}_fd_seeds": [r[k]["fd"] for r in per_seed.values() if k in r]
+                     for k in ("2step", "2step_gamma", "1step")},
+                  "gamma": {s: [r["gamma"], r["gamma_mid_ts"]] for s, r in per_seed.items() if "gamma" in r},
+                  "mid_ts": {s: r["mid_ts"] for s, r in per_seed.items()}}
+           for name, per_seed in big.items()}
+    ect = ect_bench_rows(n, steps)
+    if ect:
+        out["ect (main benchmark)"] = {"steps": steps, "images": steps * batch, "seeds": [0],
+                                       "2step_fd_seeds": [ect["2step_fd"]], "2step_gamma_fd_seeds": [],
+                                       "1step_fd_seeds": [ect["1step_fd"]], "source": ect["source"]}
+    return out
 
 
 def summarise(rows: dict, cost: dict, headline: dict, n_big: int = 0) -> dict:
@@ -116,8 +147,20 @@ def summarise(rows: dict, cost: dict, headline: dict, n_big: int = 0) -> dict:
     return out
 
 
-def write_outputs(out: Path, summary: dict, args) -> None:
-    (out / "results.json").write_text(json.dumps({"command": vars(args), "recipes": summary}, indent=1))
+def big_table(big: dict) -> list[str]:
+    """Markdown rows of the --big-steps budget (FD per seed)."""
+    cell = lambda vals: " / ".join(f"{v:.1f}" for v in vals) or "—"
+    images = next(iter(big.values()))["images"]
+    return ["", f"At {images:,} tuning images ({next(iter(big.values()))['steps']} steps):", "",
+            "| recipe | 2-step FD | 2-step FD, γ-sampling (γ) | 1-step FD |", "|---|---|---|---|"] + [
+        f"| {name} | {cell(r['2step_fd_seeds'])} | {cell(r['2step_gamma_fd_seeds'])}"
+        f"{' (γ ' + ' / '.join(f'{g:g}' for g, _ in r['gamma'].values()) + ')' if r.get('gamma') else ''} | "
+        f"{cell(r['1step_fd_seeds'])} |" for name, r in big.items()]
+
+
+def write_outputs(out: Path, summary: dict, args, big: dict | None = None) -> None:
+    (out / "results.json").write_text(json.dumps({"command": vars(args), "recipes": summary,
+                                                  **({"big": big} if big else {})}, indent=1))
     big = f"n{args.headline_n}"
     extra = f" 2-step ; γ 2-step ; 1-step FD, {args.headline_n} samples (seeds) |" if args.headline_n else ""
     lines = ["| recipe | 2-step FD (seeds) | 2-step FD, γ-sampling (seeds; γ) | 1-step FD (seeds) | "
@@ -133,6 +176,7 @@ def write_outputs(out: Path, summary: dict, args) -> None:
         lines.append(f"| {name} | {r['2step_fd']:.1f} ({two}) | {gamma_cell} | "
                      f"{r['1step_fd']:.1f} ({one}) | "
                      f"{r['iter_over_edm_iter']:.2f} |" + (f" {head} |" if extra else ""))
+    lines += big_table(big) if big else []
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     best = min(summary, key=lambda n: summary[n]["2step_fd"])
@@ -150,6 +194,10 @@ def write_outputs(out: Path, summary: dict, args) -> None:
     if searched:                                    # by 2-step FD with γ-sampling, among the recipes searched
         keys["best_method_gamma"] = min(searched, key=searched.get)
     keys["beyond_ect_budget_images"] = args.steps * args.batch
+    for name, r in (big or {}).items():              # e.g. sct_pm02_ps24_ema015_2step_fd_384k (mean over seeds)
+        key, tag = name.split(" ")[0].replace("-", "_"), f"{r['images'] // 1000}k"
+        keys.update({f"{key}_{k}_fd_{tag}": float(np.mean(r[f"{k}_fd_seeds"]))
+                     for k in ("2step", "2step_gamma", "1step") if r[f"{k}_fd_seeds"]})
     path.write_text(json.dumps(keys, indent=1))
     plot(out / "beyond_ect.png", summary, args)
 
@@ -213,6 +261,10 @@ def main() -> None:
     ap.add_argument("--headline-n", type=int, default=0, help="also score the --headline-recipes on this many "
                     "samples (e.g. 10000)")
     ap.add_argument("--headline-recipes", default="ect,sct-pm02-ps24-ema015", help="exact ECT and the preset's recipe")
+    ap.add_argument("--big-steps", type=int, default=0, help="also tune the --big-recipes for this many steps "
+                    "(e.g. 6000: 384k images, 10%% of pretraining)")
+    ap.add_argument("--big-recipes", default="sct-pm02-ps24-ema015")
+    ap.add_argument("--big-seeds", default="0")
     ap.add_argument("--curve", default="", help="more step budgets (e.g. 100,200,800) for the plot of FD against "
                     "tuning images, beside --steps")
     ap.add_argument("--curve-recipes", default="ect,sct-pm06", help="the recipes of that plot")
@@ -243,12 +295,16 @@ def main() -> None:
         for name in dict.fromkeys(n for n in args.headline_recipes.split(",") if n in rows):
             headline[name] = {seed: recipe_row(cache, runs, name, args, seed, args.steps, big, ref)
                               for seed in tuning_seeds}
+    big = {name: {seed: recipe_row(cache, runs, name, args, seed, args.big_steps, seeds, ref)
+                  for seed in (int(s) for s in args.big_seeds.split(","))}
+           for name in args.big_recipes.split(",")} if args.big_steps else {}
     if args.no_cost:
         return
     methods = ["edm", *sorted({m for n in rows for m in stage_methods(n)})]
     cost = cache.get(f"iter-{'-'.join(methods)}-b{args.batch}",
                      lambda: iteration_seconds(args.teacher, methods, args.batch))
-    write_outputs(out, summarise(rows, cost, headline, args.headline_n), args)
+    write_outputs(out, summarise(rows, cost, headline, args.headline_n), args,
+                  summarise_big(big, args.big_steps, args.batch, args.n) if big else None)
     if budgets:
         write_curve(out, curve, args)
 

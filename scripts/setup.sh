@@ -10,7 +10,7 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; 
 fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "pip>=21.3"     # editable installs from pyproject.toml (a no-op on newer pips)
 # A CPU build of torch where one is available (CUDA machines: install your own torch first).
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0" \
     || .venv/bin/python -m pip install -q torch
