@@ -406,3 +406,25 @@ def test_a_run_of_nonfinite_steps_stops_and_names_step_stage_and_last_checkpoint
 
 if __name__ == "__main__":
     _drive(Path(sys.argv[1]), sys.argv[2])
+
+
+def test_resuming_with_another_cpu_thread_count_says_the_run_will_differ_in_the_last_bits(small_run, tmp_path, capsys):
+    from ectune.checkpoint import read_train_state
+    from ectune.cli import main
+    data, _ = small_run
+    out, threads = tmp_path / "run", torch.get_num_threads()
+    args = _pretrain_args(data, str(out))[:7] + ["--batch", "8", "--set", "sample.grid=4",
+                                                  "--set", "sample.heun_steps=2", "--no-progress"]
+    try:
+        torch.set_num_threads(1)
+        assert main(args + ["--steps", "1"]) == 0
+        assert read_train_state(out / "checkpoints" / "00000001")["torch_threads"] == 1
+        assert main(args + ["--steps", "2"]) == 0                       # the same count: no note
+        assert "torch thread" not in capsys.readouterr().err
+        torch.set_num_threads(2)
+        assert main(args + ["--steps", "3"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert "ectune: note:" in err and "written with 1 torch thread and the run continues with 2" in err, err
+    assert "OMP_NUM_THREADS=1" in err

@@ -4,6 +4,7 @@ EMA, optimizer, data position, generators), how a fresh one is made, and how it 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,7 @@ def save(run_dir: Path, cfg: RunConfig, s: TrainState) -> Path | None:
             "rank_cpu_rng": [c for c, _ in rngs], "rank_cuda_rng": [g for _, g in rngs],
             "nonfinite_total": s.nonfinite_total,
             "scaler": s.scaler.state_dict() if s.scaler is not None else {},
+            "torch_threads": torch.get_num_threads(),       # CPU sums depend on it (a note on resuming)
         }
         return ckpt.save_checkpoint(run_dir, s.step, cfg, state_tensors(s), train_state, keep=cfg.keep_ckpts)
     return distributed.on_main(write)               # a failed write stops every rank with its message
@@ -107,6 +109,18 @@ def restore(ckpt_dir: Path, s: TrainState) -> None:
     if s.scaler is not None and st.get("scaler"):
         s.scaler.load_state_dict(st["scaler"])
     s.step, s.nonfinite_total = int(st["step"]), int(st["nonfinite_total"])
+    _note_threads(ckpt_dir, st.get("torch_threads"), s.gen.device)
+
+
+def _note_threads(ckpt_dir: Path, threads, device: torch.device) -> None:
+    """A note (rank 0) when a CPU run resumes with another torch thread count than its checkpoint was
+    written with: CPU gradients are summed in an order that depends on it (about 1e-8 apart here), so
+    the run is then not bit-identical to an uninterrupted one."""
+    now = torch.get_num_threads()
+    if device.type == "cpu" and isinstance(threads, int) and threads != now and distributed.is_main():
+        print(f"ectune: note: {ckpt_dir} was written with {threads} torch thread{'s' * (threads != 1)} and the run "
+              f"continues with {now}; on the CPU it will differ in the last bits from an uninterrupted run "
+              f"(run with OMP_NUM_THREADS={threads} to continue it exactly)", file=sys.stderr)
 
 
 def new_state(cfg: RunConfig, D: torch.nn.Module, n_items: int, device: torch.device, *,
