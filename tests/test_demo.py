@@ -50,7 +50,7 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path):
     report = json.loads((out / "report.json").read_text())
     rows = report["rows"]
     assert sorted((r["sampler"].split("-")[0], r["nfe"]) for r in rows if r["model"] == "teacher") == \
-        [("dpmpp2m", 5), ("dpmpp2m", 9)]
+        [("dpmpp2m", 5)]
     tuned = {(r["weights"], r["nfe"], r["gamma"]) for r in rows if r["model"] == "tuned"}
     assert tuned == {("ema", 1, 1.0), ("ema", 2, 0.0)}
     assert report["gamma"] == 0.0 and "γ 0" in report["recipe"]
@@ -64,6 +64,10 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path):
     (tmp_path / "other" / "keep.txt").write_text("mine")
     assert main(["demo", "--out", str(tmp_path / "other"), "--steps", "3", "--n", "24", "--no-progress"]) == 2
     assert (tmp_path / "other" / "keep.txt").read_text() == "mine"
+    # --full: the same folder again (a previous demo is redone), with every row
+    assert main(["demo", "--out", str(out), "--steps", "2", "--n", "12", "--full", "--no-progress"]) == 0
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert len(rows) == 8 and {r["weights"] for r in rows if r["model"] == "tuned"} == {"ema", "online"}
 
 
 @pytest.mark.skipif(not _have_fmnist(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
@@ -80,3 +84,14 @@ def test_eval_writes_metrics_with_provenance(tmp_path):
     assert r["seeds"] == [5, 35] and r["num_samples"] == 30
     assert r["checkpoint_sha256"] == file_sha256(shipped_teacher())
     assert r["feature_network_sha256"] == classifier_hash() and len(r["reference_stats_sha256"]) == 64
+
+
+def test_demo_full_adds_the_teachers_converged_rows_gamma_1_and_the_online_weights():
+    from ectune.demo import _rows_to_run, eval_nfe
+    rows = [(m, w, s.name, s.nfe, s.gamma) for m, w, s in _rows_to_run([3.0], 0.0, full=True)]
+    assert rows == [("teacher", "ema", "dpmpp2m", 5, 1.0), ("teacher", "ema", "dpmpp2m", 9, 1.0),
+                    ("teacher", "ema", "dpmpp2m", 17, 1.0), ("tuned", "ema", "consistency", 1, 1.0),
+                    ("tuned", "ema", "consistency", 2, 0.0), ("tuned", "ema", "consistency", 2, 1.0),
+                    ("tuned", "online", "consistency", 1, 1.0), ("tuned", "online", "consistency", 2, 0.0)]
+    assert [(m, s.nfe, s.gamma) for m, _, s in _rows_to_run([3.0], 1.0, full=True)].count(("tuned", 2, 1.0)) == 2
+    assert (eval_nfe(), eval_nfe(full=True)) == (5 + 1 + 2, 31 + 1 + 2 + 2 + 1 + 2)

@@ -155,7 +155,7 @@ def cmd_demo(args) -> None:
     if (args.minutes is not None and args.minutes <= 0) or args.n < 10:
         raise EctuneError("--minutes must be positive and --n at least 10")
     run_demo(Path(args.out), minutes=args.minutes, n=args.n, device=resolve_device(args.device),
-             progress=not args.no_progress, steps=args.steps)
+             progress=not args.no_progress, steps=args.steps, full=args.full)
 
 
 def cmd_download(args) -> None:
@@ -309,6 +309,8 @@ def _demo_parser(sub) -> None:
                    f"(default: a fixed {DEMO_STEPS} steps: the same model on every machine)")
     p.add_argument("--n", type=int, default=1000, help="samples per evaluated row")
     p.add_argument("--steps", type=int, help=f"tuning steps (default {DEMO_STEPS})")
+    p.add_argument("--full", action="store_true", help="also score the teacher at 9 and 17 NFE, 2 steps at γ 1 "
+                   "and the online weights (about 2 more minutes on 2 CPU cores)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
