@@ -256,7 +256,7 @@ def main() -> None:
     ap.add_argument("--recipes", default=",".join(r for r in RECIPES if r not in FIRST_STAGES_ONLY))
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--n-search", type=int, default=500)
-    ap.add_argument("--gamma-recipes", default="ect,sct-pm06-ema015,sct-pm02-ps24-ema015,cmt+sct-pm06-ema015",
+    ap.add_argument("--gamma-recipes", default=",".join(r for r in RECIPES if r not in FIRST_STAGES_ONLY),
                     help="recipes that also get a 2-step row with γ-sampling (mid time and γ searched on held-out seeds)")
     ap.add_argument("--headline-n", type=int, default=0, help="also score the --headline-recipes on this many "
                     "samples (e.g. 10000)")
