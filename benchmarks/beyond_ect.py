@@ -158,9 +158,9 @@ def big_table(big: dict) -> list[str]:
         f"{cell(r['1step_fd_seeds'])} |" for name, r in big.items()]
 
 
-def write_outputs(out: Path, summary: dict, args, big: dict | None = None) -> None:
+def write_outputs(out: Path, summary: dict, args, big_rows: dict | None = None) -> None:
     (out / "results.json").write_text(json.dumps({"command": vars(args), "recipes": summary,
-                                                  **({"big": big} if big else {})}, indent=1))
+                                                  **({"big": big_rows} if big_rows else {})}, indent=1))
     big = f"n{args.headline_n}"
     extra = f" 2-step ; γ 2-step ; 1-step FD, {args.headline_n} samples (seeds) |" if args.headline_n else ""
     lines = ["| recipe | 2-step FD (seeds) | 2-step FD, γ-sampling (seeds; γ) | 1-step FD (seeds) | "
@@ -176,7 +176,7 @@ def write_outputs(out: Path, summary: dict, args, big: dict | None = None) -> No
         lines.append(f"| {name} | {r['2step_fd']:.1f} ({two}) | {gamma_cell} | "
                      f"{r['1step_fd']:.1f} ({one}) | "
                      f"{r['iter_over_edm_iter']:.2f} |" + (f" {head} |" if extra else ""))
-    lines += big_table(big) if big else []
+    lines += big_table(big_rows) if big_rows else []
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     best = min(summary, key=lambda n: summary[n]["2step_fd"])
@@ -194,7 +194,7 @@ def write_outputs(out: Path, summary: dict, args, big: dict | None = None) -> No
     if searched:                                    # by 2-step FD with γ-sampling, among the recipes searched
         keys["best_method_gamma"] = min(searched, key=searched.get)
     keys["beyond_ect_budget_images"] = args.steps * args.batch
-    for name, r in (big or {}).items():              # e.g. sct_pm02_ps24_ema015_2step_fd_384k (mean over seeds)
+    for name, r in (big_rows or {}).items():              # e.g. sct_pm02_ps24_ema015_2step_fd_384k (mean over seeds)
         key, tag = name.split(" ")[0].replace("-", "_"), f"{r['images'] // 1000}k"
         keys.update({f"{key}_{k}_fd_{tag}": float(np.mean(r[f"{k}_fd_seeds"]))
                      for k in ("2step", "2step_gamma", "1step") if r[f"{k}_fd_seeds"]})
