@@ -109,14 +109,24 @@ def ect_bench_rows(n: int, steps: int) -> dict:
             "source": f"benchmarks/results/bench/rows ({one.name}, {two[0].name})"}
 
 
+ROW_KINDS = ("2step", "2step_gamma", "1step")
+
+
+def seed_fds(per_seed: dict, suffix: str = "") -> dict:
+    """`<kind>_fd<suffix>_seeds`: the FD of each seed's row of each kind (a seed without that row left out)."""
+    return {f"{k}_fd{suffix}_seeds": [r[k]["fd"] for r in per_seed.values() if k in r] for k in ROW_KINDS}
+
+
+def seed_choices(per_seed: dict) -> dict:
+    """The searched sampler of each seed: mid time(s), and (γ, its mid times) where γ was searched."""
+    return {"gamma": {s: [r["gamma"], r["gamma_mid_ts"]] for s, r in per_seed.items() if "gamma" in r},
+            "mid_ts": {s: r["mid_ts"] for s, r in per_seed.items()}}
+
+
 def summarise_big(big: dict, steps: int, batch: int, n: int) -> dict:
     """Per recipe of --big-recipes, its rows at `steps` (per seed), beside exact ECT's from the main benchmark."""
-    out = {name: {"steps": steps, "images": steps * batch, "seeds": list(per_seed),
-                  **{f"{k}_fd_seeds": [r[k]["fd"] for r in per_seed.values() if k in r]
-                     for k in ("2step", "2step_gamma", "1step")},
-                  "gamma": {s: [r["gamma"], r["gamma_mid_ts"]] for s, r in per_seed.items() if "gamma" in r},
-                  "mid_ts": {s: r["mid_ts"] for s, r in per_seed.items()}}
-           for name, per_seed in big.items()}
+    out = {name: {"steps": steps, "images": steps * batch, "seeds": list(per_seed), **seed_fds(per_seed),
+                  **seed_choices(per_seed)} for name, per_seed in big.items()}
     ect = ect_bench_rows(n, steps)
     if ect:
         out["ect (main benchmark)"] = {"steps": steps, "images": steps * batch, "seeds": [0],
@@ -131,17 +141,12 @@ def summarise(rows: dict, cost: dict, headline: dict, n_big: int = 0) -> dict:
     cost is that of its dearer stage."""
     out = {}
     for name, per_seed in rows.items():
-        big = {f"{k}_fd_n{n_big}_seeds": [r[k]["fd"] for r in headline[name].values() if k in r]
-               for k in ("2step", "2step_gamma", "1step")} if name in headline else {}
-        two = [r["2step"]["fd"] for r in per_seed.values()]
-        one = [r["1step"]["fd"] for r in per_seed.values()]
-        two_g = [r["2step_gamma"]["fd"] for r in per_seed.values() if "2step_gamma" in r]
-        out[name] = {"2step_fd": float(np.mean(two)), "1step_fd": float(np.mean(one)),
-                     "2step_fd_seeds": two, "1step_fd_seeds": one,
+        big = seed_fds(headline[name], f"_n{n_big}") if name in headline else {}
+        fds = seed_fds(per_seed)
+        two, one, two_g = fds["2step_fd_seeds"], fds["1step_fd_seeds"], fds["2step_gamma_fd_seeds"]
+        out[name] = {"2step_fd": float(np.mean(two)), "1step_fd": float(np.mean(one)), **fds,
                      "2step_gamma_fd": float(np.mean(two_g)) if len(two_g) == len(per_seed) else None,
-                     "2step_gamma_fd_seeds": two_g,
-                     "gamma": {s: [r["gamma"], r["gamma_mid_ts"]] for s, r in per_seed.items() if "gamma" in r},
-                     "mid_ts": {s: r["mid_ts"] for s, r in per_seed.items()},
+                     **seed_choices(per_seed),
                      "train_seconds": [r["train_seconds"] for r in per_seed.values()],
                      "iter_over_edm_iter": max(cost[m] for m in stage_methods(name)) / cost["edm"], **big}
     return out
@@ -150,8 +155,8 @@ def summarise(rows: dict, cost: dict, headline: dict, n_big: int = 0) -> dict:
 def big_table(big: dict) -> list[str]:
     """Markdown rows of the --big-steps budget (FD per seed)."""
     cell = lambda vals: " / ".join(f"{v:.1f}" for v in vals) or "—"
-    images = next(iter(big.values()))["images"]
-    return ["", f"At {images:,} tuning images ({next(iter(big.values()))['steps']} steps):", "",
+    first = next(iter(big.values()))
+    return ["", f"At {first['images']:,} tuning images ({first['steps']} steps):", "",
             "| recipe | 2-step FD | 2-step FD, γ-sampling (γ) | 1-step FD |", "|---|---|---|---|"] + [
         f"| {name} | {cell(r['2step_fd_seeds'])} | {cell(r['2step_gamma_fd_seeds'])}"
         f"{' (γ ' + ' / '.join(f'{g:g}' for g, _ in r['gamma'].values()) + ')' if r.get('gamma') else ''} | "
@@ -171,7 +176,7 @@ def write_outputs(out: Path, summary: dict, args, big_rows: dict | None = None) 
         gammas = " / ".join(f"{g:g}" for g, _ in r["gamma"].values())
         one = " / ".join(f"{v:.1f}" for v in r["1step_fd_seeds"])
         head = " ; ".join(" / ".join(f"{v:.1f}" for v in r[f"{k}_fd_{big}_seeds"])
-                          for k in ("2step", "2step_gamma", "1step")) if f"2step_fd_{big}_seeds" in r else "—"
+                          for k in ROW_KINDS) if f"2step_fd_{big}_seeds" in r else "—"
         gamma_cell = f"{r['2step_gamma_fd']:.1f} ({two_g}; γ {gammas})" if r["2step_gamma_fd"] is not None else "—"
         lines.append(f"| {name} | {r['2step_fd']:.1f} ({two}) | {gamma_cell} | "
                      f"{r['1step_fd']:.1f} ({one}) | "
@@ -188,7 +193,7 @@ def write_outputs(out: Path, summary: dict, args, big_rows: dict | None = None) 
                      **({f"{key}_2step_gamma_fd": r["2step_gamma_fd"]} if r["2step_gamma_fd"] is not None else {}),
                      f"{key}_iter_over_edm_iter": r["iter_over_edm_iter"]})
         keys.update({f"{key}_{k}_fd_{big}": float(np.mean(r[f"{k}_fd_{big}_seeds"]))
-                     for k in ("2step", "2step_gamma", "1step") if r.get(f"{k}_fd_{big}_seeds")})
+                     for k in ROW_KINDS if r.get(f"{k}_fd_{big}_seeds")})
     keys["best_method"] = best
     searched = {n: r["2step_gamma_fd"] for n, r in summary.items() if r["2step_gamma_fd"] is not None}
     if searched:                                    # by 2-step FD with γ-sampling, among the recipes searched
@@ -197,7 +202,7 @@ def write_outputs(out: Path, summary: dict, args, big_rows: dict | None = None) 
     for name, r in (big_rows or {}).items():              # e.g. sct_pm02_ps24_ema015_2step_fd_384k (mean over seeds)
         key, tag = name.split(" ")[0].replace("-", "_"), f"{r['images'] // 1000}k"
         keys.update({f"{key}_{k}_fd_{tag}": float(np.mean(r[f"{k}_fd_seeds"]))
-                     for k in ("2step", "2step_gamma", "1step") if r[f"{k}_fd_seeds"]})
+                     for k in ROW_KINDS if r[f"{k}_fd_seeds"]})
     path.write_text(json.dumps(keys, indent=1))
     plot(out / "beyond_ect.png", summary, args)
 
