@@ -112,3 +112,40 @@ def test_mid_times_are_stored_per_gamma(tmp_path):
     (tmp_path / "m.mid_times.json").write_text('{"2@gammaX": [1.0]}')
     with pytest.raises(EctuneError, match="corrupt"):
         stored_mid_times(f, 2)
+
+
+def test_eval_searches_mid_time_and_gamma_together(tmp_path, capsys):
+    """`ectune eval --search-gamma`: the joint search's best row is the one evaluated and stored under its
+    γ, and `ectune sample --gamma γ` then samples exactly at that mid time."""
+    import json
+    import shutil
+
+    from ectune.demo import shipped_teacher
+    from ectune.midtime import stored_mid_times
+    f = tmp_path / "m.safetensors"
+    shutil.copy(shipped_teacher(), f)                          # any denoiser works for the mechanics
+    out = tmp_path / "r.json"
+    common = ["--ckpt", str(f), "--sampler", "consistency", "--no-progress"]
+    assert main(["eval", *common, "--steps", "2", "--search-gamma", "0", "--candidates", "0.5", "3.0",
+                 "--search-n", "8", "--n", "8", "--out", str(out)]) == 0
+    found = json.loads(out.read_text())
+    search = found["mid_t_search"]
+    mid, gamma = search["mid_ts"], search["gamma"]
+    assert gamma in (0.0, 1.0) and mid[0] in (0.5, 3.0)
+    best = min(search["tried"], key=lambda r: r["score"])
+    assert (best["mid_ts"], best.get("gamma", 1.0)) == (mid, gamma)
+    assert {r.get("gamma", 1.0) for r in search["tried"]} == {0.0, 1.0}
+    assert found["sampler"]["ts"] == [80.0, *mid] and found["sampler"].get("gamma", 1.0) == gamma
+    assert stored_mid_times(f, 2, gamma) == mid
+    assert f"at γ {gamma:g}" in capsys.readouterr().out
+    assert main(["sample", *common, "--steps", "2", "--gamma", f"{gamma:g}", "--n", "3",
+                 "--out", str(tmp_path / "s.npz")]) == 0
+    assert main(["sample", *common, "--ts", "80", str(mid[0]), "--gamma", f"{gamma:g}", "--n", "3",
+                 "--out", str(tmp_path / "ts.npz")]) == 0
+    assert np.array_equal(np.load(tmp_path / "s.npz")["images"], np.load(tmp_path / "ts.npz")["images"])
+    for bad, says in ((["--steps", "2", "--search-gamma", "--gamma", "0"], "drop --gamma"),
+                      (["--steps", "3", "--search-gamma"], "with --steps 2"),
+                      (["--steps", "2", "--search-gamma", "1.5"], "in [0, 1]")):
+        capsys.readouterr()
+        assert main(["eval", *common, *bad, "--n", "4", "--out", str(tmp_path / "x.json")]) == 2
+        assert says in capsys.readouterr().err and not (tmp_path / "x.json").exists()

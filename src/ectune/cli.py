@@ -123,10 +123,12 @@ def cmd_synth(args) -> None:
 
 def cmd_eval(args) -> None:
     from .evaluate import evaluate_checkpoint
+    from .midtime import GAMMA_GRID
     from .models import resolve_device
+    gammas = GAMMA_GRID if args.search_gamma == [] else args.search_gamma       # (bare --search-gamma: the grid)
     r = evaluate_checkpoint(args.ckpt, args.n, metric_name=args.metric, seed=args.seed, ref_data=args.ref_data,
                             inception=args.inception, search_mid_t=args.search_mid_t, search_n=args.search_n,
-                            candidates=args.candidates, weights=args.weights, batch=args.batch,
+                            candidates=args.candidates, search_gammas=gammas, weights=args.weights, batch=args.batch,
                             device=resolve_device(args.device), progress=not args.no_progress, log=print,
                             **_sampler_flags(args))
     if r is None:                               # another torchrun rank: rank 0 writes
@@ -291,6 +293,9 @@ def _eval_parser(sub) -> None:
     p.add_argument("--search-n", type=int, default=1000, help="held-out samples per mid-time candidate")
     p.add_argument("--candidates", type=float, nargs="+", help="mid times to try (default: 13 from 0.1 to 10, "
                    "log-spaced)")
+    p.add_argument("--search-gamma", type=float, nargs="*", metavar="GAMMA", help="search the 2-step mid time "
+                   "and the re-noising γ together (implies --search-mid-t; γ 1 is always tried; default γs: "
+                   "1 0.9 0.7 0.5 0.3 0), store the mid time for the γ found, evaluate at it")
     p.set_defaults(func=cmd_eval)
 
 

@@ -43,6 +43,8 @@ def check_args(args) -> None:
         check_output(args.out, _OUT_SUFFIXES[cmd])
     if cmd == "eval" and args.candidates and not all(math.isfinite(t) for t in args.candidates):
         raise EctuneError(f"--candidates must be finite mid times, got {args.candidates}")
+    if cmd == "eval" and args.search_gamma and not all(0 <= g <= 1 for g in args.search_gamma):
+        raise EctuneError(f"--search-gamma takes re-noising values in [0, 1], got {args.search_gamma}")
     if getattr(args, "set", None):
         args.set = check_overrides(args.set)
 

@@ -242,17 +242,24 @@ class Evaluation:
 
 def evaluate_checkpoint(ckpt, n: int, *, metric_name: str = "classifier", seed: int = 0, ref_data: str | None = None,
                         inception=None, search_mid_t: bool = False, search_n: int = 1000, candidates=None,
-                        weights: str = "ema", batch: int = 500, device="cpu", progress: bool = True, log=None,
+                        search_gammas=None, weights: str = "ema", batch: int = 500, device="cpu", progress: bool = True, log=None,
                         **flags) -> Evaluation | None:
     """Score `n` samples of `ckpt` on seeds seed, seed + 1, … (`flags` choose the sampler, see
     `generation.choose_sampler`); with `search_mid_t`, first search the consistency mid times on held-out
-    seeds and store the best with the checkpoint (`midtime.search_and_store`; `log` gets a line).
+    seeds and store the best with the checkpoint (`midtime.search_and_store`; `log` gets a line); with
+    `search_gammas` too, 2-step mid time and re-noising γ together, and evaluate at the γ found.
     Under torchrun every rank samples its share and rank 0 scores: None on the others."""
     from .models import load_denoiser
     D, cfg = load_denoiser(ckpt, which=weights, device=device)
     seeds = list(range(seed, seed + n))
     labels = class_labels(cfg, seeds, ckpt=ckpt)
     sampler = choose_sampler(cfg, ckpt, **flags)
+    if search_gammas is not None:
+        if flags.get("gamma") is not None:
+            raise EctuneError("--search-gamma chooses γ itself: drop --gamma (or --search-gamma)")
+        if sampler.name != "consistency" or sampler.steps != 2 or flags.get("ts"):
+            raise EctuneError("--search-gamma searches consistency sampling with --steps 2 (and no --ts)")
+        search_mid_t = True
     if search_mid_t and (sampler.name != "consistency" or sampler.steps < 2 or flags.get("ts")):
         raise EctuneError("--search-mid-t searches consistency sampling with --steps 2 or more (and no --ts)")
     scorer = metric(metric_name, inception=inception, device=device, progress=True if progress else "lines")
@@ -262,7 +269,9 @@ def evaluate_checkpoint(ckpt, n: int, *, metric_name: str = "classifier", seed: 
         from .midtime import search_and_store
         search = distributed.on_main(lambda: search_and_store(
             D, cfg, ckpt, lambda x: scorer.distance(x, ref), steps=sampler.steps, eval_seeds=seeds, n=search_n,
-            candidates=candidates, batch=batch, device=device, progress=progress, log=log, gamma=sampler.gamma))
+            candidates=candidates, batch=batch, device=device, progress=progress, log=log, gamma=sampler.gamma,
+            gammas=search_gammas))
+        flags["gamma"] = search.get("gamma", flags.get("gamma"))
         sampler = choose_sampler(cfg, ckpt, **flags, mid_ts=search["mid_ts"])
     t0 = time.perf_counter()
     x = sample_sharded(D, seeds, cfg.net.image_shape, sampler, labels, batch=batch, device=device, progress=progress)

@@ -69,11 +69,13 @@ GAMMA_GRID = (1.0, 0.9, 0.7, 0.5, 0.3, 0.0)
 
 def search_mid_and_gamma(D, shape, score: Callable, *, gammas: Sequence[float] = GAMMA_GRID,
                          candidates: Sequence[float] | None = None, seeds: Sequence[int] | None = None,
-                         t_max: float = 80.0, batch: int = 500, device=None,
-                         class_labels=None) -> tuple[list[float], float, list[dict]]:
+                         t_max: float = 80.0, batch: int = 500, device=None, class_labels=None,
+                         progress=None) -> tuple[list[float], float, list[dict]]:
     """Best (mid time, γ) of 2-step sampling, coordinate-wise: the mid time at γ = 1, then γ over
-    `gammas` at that mid time, then the mid time again at that γ. Returns (mid times, γ, tried rows)."""
-    kw = dict(steps=2, seeds=seeds, t_max=t_max, batch=batch, device=device, class_labels=class_labels)
+    `gammas` at that mid time, then the mid time again at that γ. Returns (mid times, γ, tried rows).
+    `progress` is advanced by one per sample drawn (at most (2·candidates + gammas − 1) × seeds)."""
+    kw = dict(steps=2, seeds=seeds, t_max=t_max, batch=batch, device=device, class_labels=class_labels,
+              progress=progress)
     mid, tried = search_mid_times(D, shape, score, candidates=candidates, **kw)
     scores = {1.0: min(r["score"] for r in tried)}                # the first search's best, at γ = 1
     for g in (float(g) for g in gammas if float(g) != 1):         # (a search over the one mid time)
@@ -104,20 +106,34 @@ def store_mid_times(ckpt, mid_ts: Sequence[float], gamma: float = 1.0) -> Path:
 
 def search_and_store(D, cfg, ckpt, score: Callable, *, steps: int, eval_seeds: Sequence[int], n: int = 1000,
                      candidates: Sequence[float] | None = None, batch: int = 500, device=None, progress: bool = True,
-                     log: Callable[[str], None] | None = None, gamma: float = 1.0) -> dict:
+                     log: Callable[[str], None] | None = None, gamma: float = 1.0,
+                     gammas: Sequence[float] | None = None) -> dict:
     """`ectune eval --search-mid-t`: the best mid times of `steps`-step sampling of the model of `cfg`
-    on `n` held-out seeds (13 log-spaced candidates from 0.1 to 10 by default), stored with `ckpt`.
-    Returns the record's "mid_t_search" entry: the best times, the held-out seeds and every tried row."""
+    at re-noising `gamma` on `n` held-out seeds (13 log-spaced candidates from 0.1 to 10 by default),
+    stored with `ckpt`. With `gammas` (`--search-gamma`), 2-step mid time and γ are searched together
+    (`search_mid_and_gamma`) and the mid time is stored for the γ found. Returns the record's
+    "mid_t_search" entry: the best times (and γ), the held-out seeds and every tried row."""
     held = list(range(HELDOUT_SEED0, HELDOUT_SEED0 + n))
     if eval_seeds[-1] >= HELDOUT_SEED0:
         raise EctuneError(f"evaluation seeds must stay below {HELDOUT_SEED0}, where the held-out search seeds start")
     cands = candidates or candidate_grid(0.1, 10.0, 13)
     shape = cfg.net.image_shape
-    with Progress(len(cands) * len(held) * (steps - 1), "mid-time search", bar=progress) as bar:
-        best, tried = search_mid_times(D, shape, score, steps=steps, candidates=cands, seeds=held,
-                                       t_max=cfg.sample.t_max, batch=batch, device=device,
-                                       class_labels=seed_labels(held, cfg.net.label_dim), progress=bar, gamma=gamma)
+    kw = dict(candidates=cands, seeds=held, t_max=cfg.sample.t_max, batch=batch, device=device,
+              class_labels=seed_labels(held, cfg.net.label_dim))
+    if gammas is not None:
+        if steps != 2:
+            raise EctuneError("--search-gamma searches 2-step sampling: pass --steps 2")
+        gammas = [float(g) for g in gammas]
+        with Progress((2 * len(cands) + len(set(gammas) - {1.0})) * len(held), "mid-time and γ search",
+                      bar=progress) as bar:
+            best, gamma, tried = search_mid_and_gamma(D, shape, score, gammas=gammas, progress=bar, **kw)
+    else:
+        with Progress(len(cands) * len(held) * (steps - 1), "mid-time search", bar=progress) as bar:
+            best, tried = search_mid_times(D, shape, score, steps=steps, progress=bar, gamma=gamma, **kw)
     stored = store_mid_times(ckpt, best, gamma)
     if log is not None:
-        log(f"best mid times {[round(t, 4) for t in best]} on {len(held)} held-out seeds; stored in {stored}")
-    return {"mid_ts": best, "heldout_seeds": [held[0], held[-1] + 1], "tried": tried}
+        at = f" at γ {gamma:g}" if gammas is not None else ""
+        use = f" (sample with --gamma {gamma:g} to use them)" if gammas is not None and gamma != cfg.sample.gamma else ""
+        log(f"best mid times {[round(t, 4) for t in best]}{at} on {len(held)} held-out seeds; stored in {stored}{use}")
+    found = {"gamma": gamma} if gammas is not None else {}
+    return {"mid_ts": best, **found, "heldout_seeds": [held[0], held[-1] + 1], "tried": tried}
