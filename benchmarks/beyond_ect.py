@@ -26,6 +26,7 @@ on that many seeds (0, 1, ...; the same mid times and γ), beside their --n rows
 With --big-steps 6000 the --big-recipes are also tuned for that many steps (6,000 × 64 = 384k images, 10%
 of the teacher's pretraining images) on --big-seeds, with the same rows; exact ECT's rows at that budget
 come from the main benchmark's cache (benchmarks/ect_benchmark.py --budgets ...,6000), when it is there.
+With --headline-n too, these rows are also scored on that many seeds.
 
 With --curve 100,200,800 the recipes of --curve-recipes are also tuned for those step budgets (their
 own stage schedules, not earlier steps of the long run) and fd_vs_images.png plots FD against tuning
@@ -123,15 +124,20 @@ def seed_choices(per_seed: dict) -> dict:
             "mid_ts": {s: r["mid_ts"] for s, r in per_seed.items()}}
 
 
-def summarise_big(big: dict, steps: int, batch: int, n: int) -> dict:
-    """Per recipe of --big-recipes, its rows at `steps` (per seed), beside exact ECT's from the main benchmark."""
+def summarise_big(big: dict, head: dict, steps: int, batch: int, n: int, n_head: int) -> dict:
+    """Per recipe of --big-recipes, its rows at `steps` (per seed; on `n_head` samples too where `head`
+    has them), beside exact ECT's from the main benchmark."""
     out = {name: {"steps": steps, "images": steps * batch, "seeds": list(per_seed), **seed_fds(per_seed),
+                  **(seed_fds(head[name], f"_n{n_head}") if name in head else {}),
                   **seed_choices(per_seed)} for name, per_seed in big.items()}
     ect = ect_bench_rows(n, steps)
     if ect:
+        more = ect_bench_rows(n_head, steps) if n_head else {}
         out["ect (main benchmark)"] = {"steps": steps, "images": steps * batch, "seeds": [0],
                                        "2step_fd_seeds": [ect["2step_fd"]], "2step_gamma_fd_seeds": [],
-                                       "1step_fd_seeds": [ect["1step_fd"]], "source": ect["source"]}
+                                       "1step_fd_seeds": [ect["1step_fd"]], "source": ect["source"],
+                                       **({f"2step_fd_n{n_head}_seeds": [more["2step_fd"]],
+                                           f"1step_fd_n{n_head}_seeds": [more["1step_fd"]]} if more else {})}
     return out
 
 
@@ -152,15 +158,19 @@ def summarise(rows: dict, cost: dict, headline: dict, n_big: int = 0) -> dict:
     return out
 
 
-def big_table(big: dict) -> list[str]:
-    """Markdown rows of the --big-steps budget (FD per seed)."""
+def big_table(big: dict, n_head: int = 0) -> list[str]:
+    """Markdown rows of the --big-steps budget (FD per seed; with `n_head`, on that many samples too)."""
     cell = lambda vals: " / ".join(f"{v:.1f}" for v in vals) or "—"
     first = next(iter(big.values()))
+    extra = f" 2-step ; γ 2-step ; 1-step FD, {n_head} samples |" if n_head else ""
     return ["", f"At {first['images']:,} tuning images ({first['steps']} steps):", "",
-            "| recipe | 2-step FD | 2-step FD, γ-sampling (γ) | 1-step FD |", "|---|---|---|---|"] + [
+            "| recipe | 2-step FD | 2-step FD, γ-sampling (γ) | 1-step FD |" + extra,
+            "|---|---|---|---|" + ("---|" if extra else "")] + [
         f"| {name} | {cell(r['2step_fd_seeds'])} | {cell(r['2step_gamma_fd_seeds'])}"
         f"{' (γ ' + ' / '.join(f'{g:g}' for g, _ in r['gamma'].values()) + ')' if r.get('gamma') else ''} | "
-        f"{cell(r['1step_fd_seeds'])} |" for name, r in big.items()]
+        f"{cell(r['1step_fd_seeds'])} |"
+        + (" " + " ; ".join(cell(r.get(f"{k}_fd_n{n_head}_seeds", [])) for k in ROW_KINDS) + " |" if extra else "")
+        for name, r in big.items()]
 
 
 def write_outputs(out: Path, summary: dict, args, big_rows: dict | None = None) -> None:
@@ -181,7 +191,7 @@ def write_outputs(out: Path, summary: dict, args, big_rows: dict | None = None) 
         lines.append(f"| {name} | {r['2step_fd']:.1f} ({two}) | {gamma_cell} | "
                      f"{r['1step_fd']:.1f} ({one}) | "
                      f"{r['iter_over_edm_iter']:.2f} |" + (f" {head} |" if extra else ""))
-    lines += big_table(big_rows) if big_rows else []
+    lines += big_table(big_rows, args.headline_n) if big_rows else []
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     best = min(summary, key=lambda n: summary[n]["2step_fd"])
@@ -201,8 +211,8 @@ def write_outputs(out: Path, summary: dict, args, big_rows: dict | None = None) 
     keys["beyond_ect_budget_images"] = args.steps * args.batch
     for name, r in (big_rows or {}).items():              # e.g. sct_pm02_ps24_ema015_2step_fd_384k (mean over seeds)
         key, tag = name.split(" ")[0].replace("-", "_"), f"{r['images'] // 1000}k"
-        keys.update({f"{key}_{k}_fd_{tag}": float(np.mean(r[f"{k}_fd_seeds"]))
-                     for k in ROW_KINDS if r[f"{k}_fd_seeds"]})
+        keys.update({f"{key}_{k}_fd_{tag}{n}": float(np.mean(r[f"{k}_fd{n}_seeds"]))
+                     for k in ROW_KINDS for n in ("", f"_{big}") if r.get(f"{k}_fd{n}_seeds")})
     path.write_text(json.dumps(keys, indent=1))
     plot(out / "beyond_ect.png", summary, args)
 
@@ -300,16 +310,18 @@ def main() -> None:
         for name in dict.fromkeys(n for n in args.headline_recipes.split(",") if n in rows):
             headline[name] = {seed: recipe_row(cache, runs, name, args, seed, args.steps, big, ref)
                               for seed in tuning_seeds}
-    big = {name: {seed: recipe_row(cache, runs, name, args, seed, args.big_steps, seeds, ref)
-                  for seed in (int(s) for s in args.big_seeds.split(","))}
+    big_seeds = [int(s) for s in args.big_seeds.split(",")]
+    big = {name: {seed: recipe_row(cache, runs, name, args, seed, args.big_steps, seeds, ref) for seed in big_seeds}
            for name in args.big_recipes.split(",")} if args.big_steps else {}
+    big_head = {name: {seed: recipe_row(cache, runs, name, args, seed, args.big_steps, list(range(args.headline_n)),
+                                        ref) for seed in big_seeds} for name in big} if args.headline_n else {}
     if args.no_cost:
         return
     methods = ["edm", *sorted({m for n in rows for m in stage_methods(n)})]
     cost = cache.get(f"iter-{'-'.join(methods)}-b{args.batch}",
                      lambda: iteration_seconds(args.teacher, methods, args.batch))
     write_outputs(out, summarise(rows, cost, headline, args.headline_n), args,
-                  summarise_big(big, args.big_steps, args.batch, args.n) if big else None)
+                  summarise_big(big, big_head, args.big_steps, args.batch, args.n, args.headline_n) if big else None)
     if budgets:
         write_curve(out, curve, args)
 
