@@ -63,6 +63,48 @@ def test_the_joint_search_returns_its_best_row():
                                 batch=16)[:2] == (only, 1.0)
 
 
+def _table_search(monkeypatch, table: dict, gammas=(1.0, 0.5, 0.0)):
+    """The joint search on a score table {(γ, mid): score}: each 'sample' carries its (mid, γ)."""
+    import ectune.midtime as midtime
+    drawn = []
+
+    def fake_sample(D, seeds, shape, sampler, **kw):
+        drawn.append((sampler.gamma, sampler.ts[1]))
+        return torch.tensor([sampler.ts[1], sampler.gamma])
+    monkeypatch.setattr(midtime, "sample_images", fake_sample)
+    score = lambda x: table.get((float(x[1]), float(x[0])), 100.0)
+    mid, gamma, tried = search_mid_and_gamma(None, (1, 4, 4), score, gammas=gammas, candidates=[0.5, 1.0, 4.0],
+                                             seeds=[0])
+    assert len(drawn) == len(set(drawn)) == len(tried)                  # each (γ, mid) sampled once
+    assert min(tried, key=lambda r: r["score"]) == {"mid_ts": mid, "score": table[gamma, mid[0]],
+                                                    **({"gamma": gamma} if gamma != 1 else {})}
+    return mid, gamma
+
+
+def test_the_joint_search_scans_both_ends_of_gamma(monkeypatch):
+    """γ 1's best mid time (0.5) is a poor one for γ 0, whose own best (4.0) beats everything: a search
+    from γ 1 alone would stop at (0.5, 1), as the one before this did at 384k tuning images."""
+    table = {(1.0, 0.5): 50.0, (1.0, 1.0): 60.0, (0.5, 0.5): 70.0, (0.0, 0.5): 90.0, (0.0, 4.0): 30.0}
+    assert _table_search(monkeypatch, table) == ([4.0], 0.0)
+    # a γ between the ends that beats both at the better end's mid time gets its own scan
+    table = {(1.0, 0.5): 50.0, (0.0, 4.0): 40.0, (0.5, 4.0): 35.0, (0.5, 1.0): 20.0}
+    assert _table_search(monkeypatch, table) == ([1.0], 0.5)
+    assert _table_search(monkeypatch, {(1.0, 1.0): 10.0, (0.0, 4.0): 40.0}) == ([1.0], 1.0)
+    assert _table_search(monkeypatch, {(1.0, 1.0): 10.0}, gammas=(1.0,)) == ([1.0], 1.0)
+
+
+def test_known_scores_are_not_sampled_again(monkeypatch):
+    from ectune.midtime import known_scores
+    import ectune.midtime as midtime
+    table = {(1.0, 0.5): 50.0, (0.0, 4.0): 30.0}
+    first = search_mid_and_gamma(None, (1,), lambda x: 1.0, candidates=[0.5, 4.0], seeds=[0], gammas=(1.0, 0.0),
+                                 known={(g, (m,)): table.get((g, m), 100.0) for g in (1.0, 0.0) for m in (0.5, 4.0)})
+    monkeypatch.setattr(midtime, "sample_images", lambda *a, **k: pytest.fail("a known score was sampled again"))
+    again = search_mid_and_gamma(None, (1,), lambda x: 1.0, candidates=[0.5, 4.0], seeds=[0], gammas=(1.0, 0.0),
+                                 known=known_scores(first[2]))
+    assert first == again and first[:2] == ([4.0], 0.0)
+
+
 def test_gamma_through_the_cli(tmp_path, capsys):
     np.savez(tmp_path / "d.npz", images=np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8))
     assert main(["pretrain", "--preset", "tiny", "--data", str(tmp_path / "d.npz"), "--steps", "1",

@@ -17,7 +17,8 @@ import torch
 
 from .config import read_config
 from .evaluate import fd_only, score_samples
-from .midtime import HELDOUT_SEED0, candidate_grid, search_mid_and_gamma, search_mid_times, store_mid_times
+from .midtime import (HELDOUT_SEED0, candidate_grid, known_scores, search_mid_and_gamma, search_mid_times,
+                      store_mid_times)
 from .models import load_denoiser
 from .presets import preset
 from .report import read_records
@@ -39,6 +40,11 @@ class RowCache:
     def has(self, name: str) -> bool:
         """Whether the row `name` is cached."""
         return (self.root / f"{name}.json").is_file()
+
+    def peek(self, name: str) -> dict | None:
+        """The cached value of `name`, or None (nothing is computed)."""
+        path = self.root / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def get(self, name: str, fn, *, wait: bool = True):
         """The cached value of `name`, computing it with `fn` if no process has. A second process running
@@ -128,7 +134,8 @@ def consistency_rows(cache: RowCache, run: Path, name: str, seeds, ref, n_search
                                        candidates=candidate_grid(*MID_GRID), seeds=held)
         return {"mid_ts": best, "tried": tried}
     grid = "-".join(f"{v:g}" for v in MID_GRID)
-    mid = cache.get(f"{name}-midt-{n_search}-grid{grid}", search)["mid_ts"]
+    searched = cache.get(f"{name}-midt-{n_search}-grid{grid}", search)
+    mid = searched["mid_ts"]
     store_mid_times(run, mid)
     one = cache.get(f"{tag}-{name}-1step", lambda: score_row(D, seeds, ref, Sampler.consistency([80.0]),
                                                              label=f"{name} 1 step"))
@@ -137,11 +144,14 @@ def consistency_rows(cache: RowCache, run: Path, name: str, seeds, ref, n_search
     out = {"1step": one, "2step": two, "mid_ts": mid, "train_seconds": train_seconds(run),
            "images": cfg.steps * cfg.batch}
     if gamma:
-        def joint():
+        def joint():        # (scores on these held-out seeds already found, by the search above or by the
+            #                 one-ended search of before 2026-12-02, cached as "-midgamma-", are not sampled again)
+            earlier = cache.peek(f"{name}-midgamma-{n_search}-grid{grid}") or {"tried": []}
+            known = known_scores(searched["tried"] + earlier["tried"])
             m, g, tried = search_mid_and_gamma(D, SHAPE, lambda x: fd_only(x, ref), batch=BATCH, seeds=held,
-                                               candidates=candidate_grid(*MID_GRID))
+                                               candidates=candidate_grid(*MID_GRID), known=known)
             return {"mid_ts": m, "gamma": g, "tried": tried}
-        found = cache.get(f"{name}-midgamma-{n_search}-grid{grid}", joint)
+        found = cache.get(f"{name}-midgamma2-{n_search}-grid{grid}", joint)
         m, g = found["mid_ts"], found["gamma"]
         store_mid_times(run, m, g)
         out["2step_gamma"] = cache.get(f"{tag}-{name}-2step-mid{m[0]:.4g}-gamma{g:g}", lambda: score_row(

@@ -29,12 +29,14 @@ def candidate_grid(lo: float = 0.1, hi: float = 10.0, count: int = 9) -> list[fl
 
 def search_mid_times(D, shape, score: Callable, *, steps: int = 2, candidates: Sequence[float] | None = None,
                      seeds: Sequence[int] | None = None, t_max: float = 80.0, batch: int = 500, device=None,
-                     class_labels=None, progress=None, gamma: float = 1.0) -> tuple[list[float], list[dict]]:
+                     class_labels=None, progress=None, gamma: float = 1.0,
+                     known: dict | None = None) -> tuple[list[float], list[dict]]:
     """Best mid times for `steps`-step sampling (re-noising `gamma`) by `score(samples) -> lower is better`.
 
     steps = 2 scans each candidate t_1; steps > 2 searches coordinate-wise, one mid time at a time
     from the left, keeping the times decreasing. Returns (best mid times, every tried row).
-    `progress` (a `progress.Progress`) is advanced by one per sample drawn.
+    `progress` (a `progress.Progress`) is advanced by one per sample drawn. `known` maps (γ, mid times)
+    to scores on these seeds: those are not sampled again, and new scores are added to it.
     """
     if steps < 2:
         raise EctuneError("a mid-time search needs --steps 2 or more")
@@ -43,15 +45,17 @@ def search_mid_times(D, shape, score: Callable, *, steps: int = 2, candidates: S
         raise EctuneError(f"mid-time candidates must lie in (0, {t_max}), got {cands}")
     seeds = list(seeds if seeds is not None else range(HELDOUT_SEED0, HELDOUT_SEED0 + 1000))
     tried: list[dict] = []
-    cache: dict[tuple, float] = {}
+    cache = {} if known is None else known
+    gamma = float(gamma)
 
     def evaluate(mid: tuple[float, ...]) -> float:
-        if mid not in cache:
+        if (gamma, mid) not in cache:
             x = sample_images(D, seeds, shape, Sampler.consistency([t_max, *mid], gamma), batch=batch, device=device,
                               class_labels=class_labels, progress=progress)
-            cache[mid] = float(score(x))
-            tried.append({"mid_ts": list(mid), "score": cache[mid], **({"gamma": gamma} if gamma != 1 else {})})
-        return cache[mid]
+            cache[gamma, mid] = float(score(x))
+        if all(r["mid_ts"] != list(mid) for r in tried):
+            tried.append(tried_row(mid, gamma, cache[gamma, mid]))
+        return cache[gamma, mid]
 
     # Start from a geometric spacing, then improve one coordinate at a time.
     best = list(np.geomspace(cands[0], cands[-1], steps - 1)) if steps > 2 else [cands[len(cands) // 2]]
@@ -64,29 +68,51 @@ def search_mid_times(D, shape, score: Callable, *, steps: int = 2, candidates: S
     return best, tried
 
 
+def tried_row(mid: Sequence[float], gamma: float, score: float) -> dict:
+    """One tried row of a search: {"mid_ts", "score"} and "gamma" where it is not 1."""
+    return {"mid_ts": list(mid), "score": score, **({"gamma": gamma} if gamma != 1 else {})}
+
+
+def known_scores(rows: Sequence[dict]) -> dict:
+    """The `known` scores of tried rows (`tried_row`'s form): {(γ, mid times): score}."""
+    return {(float(r.get("gamma", 1.0)), tuple(r["mid_ts"])): r["score"] for r in rows}
+
+
 GAMMA_GRID = (1.0, 0.9, 0.7, 0.5, 0.3, 0.0)
 
 
 def search_mid_and_gamma(D, shape, score: Callable, *, gammas: Sequence[float] = GAMMA_GRID,
                          candidates: Sequence[float] | None = None, seeds: Sequence[int] | None = None,
                          t_max: float = 80.0, batch: int = 500, device=None, class_labels=None,
-                         progress=None) -> tuple[list[float], float, list[dict]]:
-    """Best (mid time, γ) of 2-step sampling, coordinate-wise: the mid time at γ = 1, then γ over
-    `gammas` at that mid time, then the mid time again at that γ. Returns (mid times, γ, tried rows).
-    `progress` is advanced by one per sample drawn (at most (2·candidates + gammas − 1) × seeds)."""
-    kw = dict(steps=2, seeds=seeds, t_max=t_max, batch=batch, device=device, class_labels=class_labels,
-              progress=progress)
-    mid, tried = search_mid_times(D, shape, score, candidates=candidates, **kw)
-    scores = {1.0: min(r["score"] for r in tried)}                # the first search's best, at γ = 1
-    for g in (float(g) for g in gammas if float(g) != 1):         # (a search over the one mid time)
-        _, rows = search_mid_times(D, shape, score, candidates=mid, gamma=g, **kw)
-        scores[g] = rows[0]["score"]
-        tried += rows
-    gamma = min(scores, key=scores.get)
-    if gamma != 1:                  # (the candidates hold the first mid time: the result is no worse)
-        mid, more = search_mid_times(D, shape, score, candidates=candidates, gamma=gamma, **kw)
-        tried += more
-    return list(mid), gamma, tried
+                         progress=None, known: dict | None = None) -> tuple[list[float], float, list[dict]]:
+    """Best (mid time, γ) of 2-step sampling. The mid time is scanned at both ends of the γ range, 1
+    (fresh noise) and the smallest of `gammas` (0: deterministic); the γs between are tried at the
+    better end's mid time; if one of them beats both ends, the mid time is scanned again at it.
+    Returns (mid times, γ, tried rows). Both ends are scanned because each end's best mid time can be
+    a poor one for the other: at 384k tuning images γ 1's best, 0.44, made γ 0 look worse than γ 1,
+    while γ 0 at 4.57 was better than both. `known` scores (see `search_mid_times`) are reused.
+    `progress` is advanced by one per sample drawn (at most (3·candidates + gammas) × seeds)."""
+    kw = dict(steps=2, candidates=candidates, seeds=seeds, t_max=t_max, batch=batch, device=device,
+              class_labels=class_labels, progress=progress)
+    known = {} if known is None else known
+    grid = sorted({1.0, *(float(g) for g in gammas)})
+    best, tried = {}, []
+
+    def scan(g: float, candidates) -> None:
+        mid, rows = search_mid_times(D, shape, score, gamma=g, known=known, **{**kw, "candidates": candidates})
+        best[g] = mid
+        tried.extend(r for r in rows if r not in tried)
+    for g in dict.fromkeys((1.0, grid[0])):
+        scan(g, candidates)
+    score_at = {g: known[g, tuple(m)] for g, m in best.items()}
+    end = min(score_at, key=score_at.get)
+    for g in (g for g in grid if g not in score_at):
+        scan(g, best[end])
+        score_at[g] = known[g, tuple(best[end])]
+    gamma = min(score_at, key=score_at.get)
+    if gamma not in (1.0, grid[0]):     # (the candidates hold the end's mid time: the result is no worse)
+        scan(gamma, candidates)
+    return list(best[gamma]), gamma, tried
 
 
 def stored_mid_times(ckpt, steps: int, gamma: float = 1.0) -> list[float] | None:
@@ -124,7 +150,7 @@ def search_and_store(D, cfg, ckpt, score: Callable, *, steps: int, eval_seeds: S
         if steps != 2:
             raise EctuneError("--search-gamma searches 2-step sampling: pass --steps 2")
         gammas = [float(g) for g in gammas]
-        with Progress((2 * len(cands) + len(set(gammas) - {1.0})) * len(held), "mid-time and γ search",
+        with Progress((3 * len(cands) + len(set(gammas))) * len(held), "mid-time and γ search",
                       bar=progress) as bar:
             best, gamma, tried = search_mid_and_gamma(D, shape, score, gammas=gammas, progress=bar, **kw)
     else:
