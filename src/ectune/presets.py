@@ -33,7 +33,8 @@ _GPU_EVAL = EvalConfig(every_kimg=1280.0, n=5000, metric="inception")
 # coarser stages); its 1-step FD was 254 / 248 on two training seeds, against 354 for N(−0.6, 2²).
 # 2-step sampling with CTM's γ-sampling at γ = 0 (deterministic) and mid time 3.0: the joint (mid time,
 # γ) searches on held-out seeds chose γ 0 at 3.09 on every run searched. 400 steps of 64 with four
-# in-loop evaluations of 200 samples. At 10% of pretraining only exact ECT was measured ("fmnist").
+# in-loop evaluations of 200 samples. At 10% of pretraining (6,000 steps, one training seed) the same
+# recipe gave 1-step FD 61.8 against exact ECT's 119.3, and 2 steps at γ 0 28.4 at mid 4.57 (README).
 _FMNIST_SHORT = dict(batch=64, steps=400, ckpt_every=50, eval=EvalConfig(every_kimg=6.4, n=200),
                      sample=SampleConfig(mid_ts=(3.0,), gamma=0.0),
                      loss=replace(_ECT_LOSS, method="sct", P_mean=-0.2, P_std=2.4), ema=EMAConfig(sigma_rel=0.015))
