@@ -242,8 +242,8 @@ class Evaluation:
 
 def evaluate_checkpoint(ckpt, n: int, *, metric_name: str = "classifier", seed: int = 0, ref_data: str | None = None,
                         inception=None, search_mid_t: bool = False, search_n: int = 1000, candidates=None,
-                        search_gammas=None, weights: str = "ema", batch: int = 500, device="cpu", progress: bool = True, log=None,
-                        **flags) -> Evaluation | None:
+                        search_gammas=None, weights: str = "ema", batch: int = 500, device="cpu",
+                        progress: bool = True, log=None, **flags) -> Evaluation | None:
     """Score `n` samples of `ckpt` on seeds seed, seed + 1, … (`flags` choose the sampler, see
     `generation.choose_sampler`); with `search_mid_t`, first search the consistency mid times on held-out
     seeds and store the best with the checkpoint (`midtime.search_and_store`; `log` gets a line); with

@@ -149,7 +149,6 @@ def search_and_store(D, cfg, ckpt, score: Callable, *, steps: int, eval_seeds: S
     if gammas is not None:
         if steps != 2:
             raise EctuneError("--search-gamma searches 2-step sampling: pass --steps 2")
-        gammas = [float(g) for g in gammas]
         with Progress((3 * len(cands) + len(set(gammas))) * len(held), "mid-time and γ search",
                       bar=progress) as bar:
             best, gamma, tried = search_mid_and_gamma(D, shape, score, gammas=gammas, progress=bar, **kw)
@@ -159,7 +158,8 @@ def search_and_store(D, cfg, ckpt, score: Callable, *, steps: int, eval_seeds: S
     stored = store_mid_times(ckpt, best, gamma)
     if log is not None:
         at = f" at γ {gamma:g}" if gammas is not None else ""
-        use = f" (sample with --gamma {gamma:g} to use them)" if gammas is not None and gamma != cfg.sample.gamma else ""
+        use = f" (sample with --gamma {gamma:g} to use them)" if gammas is not None and gamma != cfg.sample.gamma \
+            else ""
         log(f"best mid times {[round(t, 4) for t in best]}{at} on {len(held)} held-out seeds; stored in {stored}{use}")
     found = {"gamma": gamma} if gammas is not None else {}
     return {"mid_ts": best, **found, "heldout_seeds": [held[0], held[-1] + 1], "tried": tried}

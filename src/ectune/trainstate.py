@@ -114,8 +114,8 @@ def restore(ckpt_dir: Path, s: TrainState) -> None:
 
 def _note_threads(ckpt_dir: Path, threads, device: torch.device) -> None:
     """A note (rank 0) when a CPU run resumes with another torch thread count than its checkpoint was
-    written with: CPU gradients are summed in an order that depends on it (about 5e-8 apart between 1 and 2 threads here), so
-    the run is then not bit-identical to an uninterrupted one."""
+    written with: CPU gradients are summed in an order that depends on it (about 5e-8 apart between 1 and
+    2 threads here), so the run is then not bit-identical to an uninterrupted one."""
     now = torch.get_num_threads()
     if device.type == "cpu" and isinstance(threads, int) and threads != now and distributed.is_main():
         print(f"ectune: note: {ckpt_dir} was written with {threads} torch thread{'s' * (threads != 1)} and the run "
