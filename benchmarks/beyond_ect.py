@@ -48,8 +48,7 @@ import numpy as np
 import torch
 
 
-from ectune.bench import RowCache, consistency_rows, iteration_seconds, train_seconds, tune_run
-from ectune.config import read_config
+from ectune.bench import LazyRun, RowCache, consistency_rows, iteration_seconds, run_facts, tune_run
 from ectune.evaluate import reference
 
 RECIPES = {
@@ -67,30 +66,36 @@ STAGE1 = {"sct-pm06+tcm": ("sct-pm06", 2), "cmt+sct-pm06-ema015": ("cmt", 4)}   
 FIRST_STAGES_ONLY = {"cmt"}                     # not in the default --recipes: only a first stage there
 
 
-def tune_recipe(runs: Path, name: str, args, seed: int, steps: int) -> tuple[Path, Path | None]:
-    """The recipe's run of `steps` on `seed` (and, for a two-stage recipe, its first-stage run of its
-    share of the steps; the second stage has the rest)."""
+def recipe_runs(runs: Path, name: str, args, seed: int, steps: int) -> tuple[LazyRun, tuple[str, LazyRun] | None]:
+    """The recipe's run of `steps` on `seed`, trained on first use (and, for a two-stage recipe, the name
+    and run of its first stage, of its share of the steps; the second stage has the rest)."""
     method, sets = RECIPES[name]
     if name not in STAGE1:
-        return tune_run(runs / f"{name}-{steps}-s{seed}", args.teacher, method, steps=steps,
-                        batch=args.batch, seed=seed, overrides=sets), None
+        return LazyRun(lambda: tune_run(runs / f"{name}-{steps}-s{seed}", args.teacher, method, steps=steps,
+                                        batch=args.batch, seed=seed, overrides=sets)), None
     first, parts = STAGE1[name]
     part = steps // parts
-    stage1 = tune_run(runs / f"{first}-{part}-s{seed}", args.teacher, RECIPES[first][0], steps=part,
-                      batch=args.batch, seed=seed, overrides=RECIPES[first][1])
-    return tune_run(runs / f"{name}-{steps}-s{seed}", str(stage1), method, steps=steps - part,
-                    batch=args.batch, seed=seed, overrides=sets), stage1
+    stage1 = LazyRun(lambda: tune_run(runs / f"{first}-{part}-s{seed}", args.teacher, RECIPES[first][0],
+                                      steps=part, batch=args.batch, seed=seed, overrides=RECIPES[first][1]))
+    second = LazyRun(lambda: tune_run(runs / f"{name}-{steps}-s{seed}", str(stage1.path), method,
+                                      steps=steps - part, batch=args.batch, seed=seed, overrides=sets))
+    return second, (f"{first}-{part}-s{seed}", stage1)
 
 
 def recipe_row(cache: RowCache, runs: Path, name: str, args, seed: int, steps: int, seeds, ref) -> dict:
-    """1- and 2-step rows of the recipe's run of `steps` on `seed` (images and seconds of both stages)."""
-    run, stage1 = tune_recipe(runs, name, args, seed, steps)
-    row = consistency_rows(cache, run, f"{name}-{steps}-s{seed}", seeds, ref, args.n_search,   # (not the curve's)
+    """1- and 2-step rows of the recipe's run of `steps` on `seed` (images and seconds of both stages);
+    the runs are trained or loaded only for rows that are not cached."""
+    run, stage1 = recipe_runs(runs, name, args, seed, steps)
+    tag = f"{name}-{steps}-s{seed}"
+    row = consistency_rows(cache, run, tag, seeds, ref, args.n_search,   # (not the curve's)
                            gamma=name in args.gamma_recipes.split(",") and steps in (args.steps, args.big_steps))
     if stage1 is not None:
-        cfg = read_config(stage1 / "config.json")
-        row = {**row, "images": row["images"] + cfg.steps * cfg.batch,
-               "train_seconds": row["train_seconds"] + train_seconds(stage1)}
+        def both():
+            first = run_facts(cache, *stage1)
+            return {"images": row["images"] + first["images"],
+                    "train_seconds": row["train_seconds"] + first["train_seconds"]}
+        total = cache.get(f"{tag}-both-stages", both)
+        row = {**row, "images": total["images"], "train_seconds": total["train_seconds"]}
     return row
 
 

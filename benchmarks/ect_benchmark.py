@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ectune import __version__
-from ectune.bench import SHAPE, RowCache, consistency_rows, iteration_seconds, teacher_row, tune_run
+from ectune.bench import SHAPE, LazyRun, RowCache, consistency_rows, iteration_seconds, teacher_row, tune_run
 from ectune.evaluate import reference
 from ectune.models import load_denoiser
 from ectune.sampling import Sampler, sample_images
@@ -116,24 +116,25 @@ def main() -> None:
     big, cmp_ = args.budget_list[-1], args.compare
     T, _ = load_denoiser(args.teacher)
     diffusion = diffusion_rows(cache, T, seeds, ref)                                    # 1. quality vs NFE
-    teachers = {"w16": args.teacher, **({"w8": args.teacher2} if args.teacher2 and Path(args.teacher2).exists()
-                                         else {})}
+    second = args.teacher2 and (Path(args.teacher2).exists() or cache.has(f"n{len(seeds_c)}-teacher2-heun35"))
+    teachers = {"w16": args.teacher, **({"w8": args.teacher2} if second else {})}   # (w8: its rows, if cached)
     heun35 = next(r for r in diffusion if r["family"] == "heun" and r["nfe"] == 35)
     teacher_rows = teachers_heun35(cache, T, teachers, heun35, seeds, seeds_c, ref)
     widths_budgets = {w: [b for b in args.budget_list if b <= cmp_ or w in set(args.widths.split(","))]
                       for w in teachers}
     models = tuning_rows(cache, runs, teachers, widths_budgets, args, seeds_c, ref)     # 2. + 4.
-    ect = consistency_rows(cache, runs / f"ect-w16-{big}", f"ect-w16-{big}", seeds, ref, args.n_search)
+    E = LazyRun(runs / f"ect-w16-{big}")                    # loaded only for rows that are not cached
+    ect = consistency_rows(cache, E, f"ect-w16-{big}", seeds, ref, args.n_search)
     cost = cache.get("iteration-cost", lambda: iteration_cost(args.teacher, args.batch))   # 3. cost
-    E, _ = load_denoiser(runs / f"ect-w16-{big}")
-    speed = cache.get(f"throughput-{big}", lambda: throughput(T, E, ect["mid_ts"]))
+    speed = cache.get(f"throughput-{big}", lambda: throughput(T, E.denoiser()[0], ect["mid_ts"]))
     inc = inception_rows(cache, T, E, ect["mid_ts"], args.inception_n, big)
     scaling = {w: scaling_fit(models, w, widths_budgets[w], teacher_rows[w]["fd"]) for w in teachers}
     summary = summarise(args, diffusion, heun35, ect, models, cost, speed, scaling, inc, len(seeds_c))
     (out / "results.json").write_text(json.dumps({"diffusion": diffusion, "headline": ect, "models": models,
                                                   "cost": cost, "throughput": speed, "inception": inc,
                                                   "scaling": scaling, "teachers_heun35": teacher_rows}, indent=1))
-    Path("benchmarks/results/summary.json").write_text(json.dumps(summary, indent=1))
+    path = Path("benchmarks/results/summary.json")           # (beside the keys other benchmarks wrote there)
+    path.write_text(json.dumps({**(json.loads(path.read_text()) if path.exists() else {}), **summary}, indent=1))
     write_table(out / "table.md", diffusion, ([] if seeds_c == seeds else [(f"ect-w16-{big}", ect)])
                 + list(models.items()))
     plot(out, diffusion, ect, models, scaling, big, cmp_)
@@ -164,9 +165,8 @@ def teachers_heun35(cache, T, teachers, heun35, seeds, seeds_c, ref) -> dict:
     rows = {"w16": heun35 if seeds_c == seeds else cache.get(
         f"{tag_c}-teacher-heun35", lambda: teacher_row(T, seeds_c, ref, "heun", 35))}
     if "w8" in teachers:
-        T2, _ = load_denoiser(teachers["w8"])
         rows["w8"] = cache.get(f"{tag_c}-teacher2-heun35", lambda: teacher_row(
-            T2, seeds_c, ref, "heun", 35, who="teacher w8"))
+            load_denoiser(teachers["w8"])[0], seeds_c, ref, "heun", 35, who="teacher w8"))
     return rows
 
 
@@ -176,18 +176,19 @@ def tuning_rows(cache, runs, teachers, widths_budgets, args, seeds_c, ref) -> di
     jobs = [(f"ect-{w}-{steps}", teacher, "ect", steps) for w, teacher in teachers.items()
             for steps in widths_budgets[w]]
     jobs += [(f"{m}-w16-{args.compare}", args.teacher, m, args.compare) for m in ("ict", "cd")]
-    for name, teacher, method, steps in jobs:
-        run = tune_run(runs / name, teacher, method, steps=steps, batch=args.batch)
+    for name, teacher, method, steps in jobs:              # (trained only for rows that are not cached)
+        run = LazyRun(lambda name=name, teacher=teacher, method=method, steps=steps: tune_run(
+            runs / name, teacher, method, steps=steps, batch=args.batch))
         models[name] = consistency_rows(cache, run, name, seeds_c, ref, args.n_search)
     return models
 
 
-def inception_rows(cache, T, E, mid_ts, n: int, big: int) -> dict:
+def inception_rows(cache, T, E: LazyRun, mid_ts, n: int, big: int) -> dict:
     """Inception FID of ECT 2 steps and teacher Heun-35 (slow on CPU: ~8 images/s)."""
     if n <= 0:
         return {}
     return {"ect_2step": cache.get(f"inception{n}-ect-{big}-2step", lambda: inception_row(
-                E, n, "ECT 2 steps", Sampler.consistency([80.0, *mid_ts]))),
+                E.denoiser()[0], n, "ECT 2 steps", Sampler.consistency([80.0, *mid_ts]))),
             "teacher_heun35": cache.get(f"inception{n}-teacher-heun35", lambda: inception_row(
                 T, n, "teacher Heun 35 NFE", Sampler.heun(18)))}
 

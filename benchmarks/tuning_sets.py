@@ -16,16 +16,17 @@ Results: --out/results.json and --out/table.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
 import numpy as np
 
-from ectune.bench import RowCache, consistency_rows, score_row, tune_run
+from ectune.bench import LazyRun, RowCache, consistency_rows, score_row, tune_run
 from ectune.data import load_dataset
 from ectune.evaluate import Reference, reference, score_samples
 from ectune.images import from_uint8
-from ectune.models import load_denoiser, resolve_device
+from ectune.models import resolve_device
 from ectune.sampling import Sampler
 from ectune.synth import synthesize
 
@@ -81,27 +82,38 @@ def main() -> None:
 
 def set_rows(args, cache, ref, seeds, name: str, data: str, size: int | None) -> dict:
     """One tuning set: made by the teacher's sampler if `size` is given, its own quality (its first
-    --n images), ECT tuned on it and its 1- and 2-step rows (a class subset: also against its classes)."""
-    if size is not None:
-        how = {"nfe": args.nfe} if args.synth == "dpmpp2m" else {"num_steps": (args.nfe + 1) // 2}
-        synthesize(args.teacher, data, n=size, seed=2_000_000, batch=128, device=resolve_device("auto"),
-                   progress=False, sampler=args.synth, **how)
-    ds = load_dataset(data)
-    first = from_uint8(ds.images[:args.n])
-    own = cache.get(f"n{args.n}-set-{name}", lambda: score_samples(first, ref))
-    run = Path(args.real_run) if name == "real" and reusable(args) else tune_run(
-        Path(args.runs) / f"ect-{name}-{args.steps}", args.teacher, "ect", steps=args.steps, batch=args.batch, data=data)
-    row = {"data": data, "set_fd": own["fd"], "set_size": len(ds),
+    --n images), ECT tuned on it and its 1- and 2-step rows (a class subset: also against its classes).
+    The set is made and loaded, and the run trained, only for rows that are not cached."""
+    @functools.cache
+    def dataset():
+        if size is not None:
+            how = {"nfe": args.nfe} if args.synth == "dpmpp2m" else {"num_steps": (args.nfe + 1) // 2}
+            synthesize(args.teacher, data, n=size, seed=2_000_000, batch=128, device=resolve_device("auto"),
+                       progress=False, sampler=args.synth, **how)
+        return load_dataset(data)
+    first = lambda: from_uint8(dataset().images[:args.n])     # noqa: E731
+    own = cache.get(f"n{args.n}-set-{name}", lambda: score_samples(first(), ref))
+    set_size = cache.get(f"set-{name}-size", lambda: {"set_size": len(dataset())})["set_size"]
+
+    def trained() -> Path:
+        if name == "real" and reusable(args):
+            return Path(args.real_run)
+        dataset()                               # (a teacher-sampled set is made first)
+        return tune_run(Path(args.runs) / f"ect-{name}-{args.steps}", args.teacher, "ect", steps=args.steps,
+                        batch=args.batch, data=data)
+    run = LazyRun(trained)
+    row = {"data": data, "set_fd": own["fd"], "set_size": set_size,
            **consistency_rows(cache, run, f"{name}-{args.steps}", seeds, ref, args.n_search)}
     if name.startswith("subset-"):
-        sub_ref, (D, _), mid = subset_reference(args.subset), load_denoiser(run), row["mid_ts"]
+        sub_ref, mid = functools.cache(lambda: subset_reference(args.subset)), row["mid_ts"]
+        D = lambda: run.denoiser()[0]                         # noqa: E731
         tag = f"n{args.n}-{name}-{args.steps}"
         row["vs_subset_test"] = {
-            "set": cache.get(f"n{args.n}-set-{name}-vs-subset", lambda: score_samples(first, sub_ref)),
+            "set": cache.get(f"n{args.n}-set-{name}-vs-subset", lambda: score_samples(first(), sub_ref())),
             "1step": cache.get(f"{tag}-1step-vs-subset", lambda: score_row(
-                D, seeds, sub_ref, Sampler.consistency([80.0]), label=f"{name} 1 step vs its classes")),
+                D(), seeds, sub_ref(), Sampler.consistency([80.0]), label=f"{name} 1 step vs its classes")),
             "2step": cache.get(f"{tag}-2step-mid{mid[0]:.4g}-vs-subset", lambda: score_row(
-                D, seeds, sub_ref, Sampler.consistency([80.0, *mid]), label=f"{name} 2 steps vs its classes"))}
+                D(), seeds, sub_ref(), Sampler.consistency([80.0, *mid]), label=f"{name} 2 steps vs its classes"))}
     return row
 
 

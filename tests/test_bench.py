@@ -61,3 +61,35 @@ def test_a_signal_stops_a_benchmark_run_instead_of_scoring_it_unfinished(tmp_pat
     thread.join(5)
     saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert saved and int(saved[-1]) < 200                     # checkpointed where it stopped, not finished
+
+
+def test_a_benchmark_rebuilds_its_rows_from_the_cache_without_the_run(tmp_path, tiny_teacher, monkeypatch):
+    """bench.consistency_rows trains and loads a LazyRun only for rows that are not cached: the first call
+    makes the run once and scores it (the searched mid times stored in it); once the run folder is gone
+    (a fresh clone), the same call returns the same rows, γ row and compute seconds from the cache alone."""
+    import shutil
+
+    import pytest
+
+    from ectune import bench
+    from ectune.midtime import stored_mid_times
+    monkeypatch.setattr(bench, "fd_only", lambda x, ref: float(x.abs().mean()))         # cheap, deterministic
+    monkeypatch.setattr(bench, "score_samples", lambda x, ref: {"fd": float(x.abs().mean())})
+    run_dir = tmp_path / "runs" / "r"
+    assert main(["tune", "--teacher", str(tiny_teacher / "teacher"), "--data", str(tiny_teacher / "d.npz"),
+                 "--preset", "tiny", "--steps", "2", "--out", str(run_dir), "--no-progress"]) == 0
+    cache, made = bench.RowCache(tmp_path / "out"), []
+    run = bench.LazyRun(lambda: made.append(run_dir) or run_dir)
+    first = bench.consistency_rows(cache, run, "r", [0, 1, 2], None, 2, gamma=True)
+    assert made == [run_dir] and first["images"] == 2 * 16 and first["train_seconds"] > 0
+    assert stored_mid_times(run_dir, 2) == first["mid_ts"] and first["1step"]["fd"] > 0
+    assert stored_mid_times(run_dir, 2, first["gamma"]) == first["gamma_mid_ts"]
+
+    shutil.rmtree(tmp_path / "runs")
+
+    def gone():
+        raise LookupError("the run was made again")
+    again = bench.consistency_rows(cache, bench.LazyRun(gone), "r", [0, 1, 2], None, 2, gamma=True)
+    assert again == json.loads(json.dumps(first))
+    with pytest.raises(LookupError, match="made again"):        # a row not cached yet needs the run
+        bench.consistency_rows(cache, bench.LazyRun(gone), "r", [0, 1, 2, 3], None, 2)
