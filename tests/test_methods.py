@@ -42,7 +42,7 @@ def _cfg(method: str, data: str, steps: int, **loss):
 
 def test_the_table_is_the_cli_choices_and_the_kinds():
     choices = build_parser()._subparsers._group_actions[0].choices["tune"]._option_string_actions["--method"].choices
-    assert list(choices) == list(TUNE_METHODS) == ["ect", "sct", "ict", "cd", "tcm", "cmt"]
+    assert list(choices) == list(TUNE_METHODS) == ["ect", "sct", "ict", "cd", "tcm", "cmt", "scm"]
     assert {m.name: m.kind for m in METHODS.values()} == {"edm": "pretrain", **{n: "tune" for n in TUNE_METHODS}}
     assert [n for n, m in METHODS.items() if m.start == "new"] == ["edm", "ict"]
     assert [n for n, m in METHODS.items() if m.frozen_teacher] == ["cd", "cmt"]

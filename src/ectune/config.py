@@ -53,8 +53,8 @@ class NetConfig:
 @dataclass(frozen=True)
 class LossConfig:
     """The training objective: EDM pretraining ("edm"), Easy Consistency Tuning ("ect"), ECT with a
-    variance-reduced r-point ("sct"), and the baselines consistency training from scratch ("ict",
-    iCT's schedule) and distillation ("cd")."""
+    variance-reduced r-point ("sct"), continuous-time consistency ("scm"), and the baselines consistency
+    training from scratch ("ict", iCT's schedule) and distillation ("cd")."""
     method: str = "edm"
     P_mean: float = -1.2                    # ln σ ~ N(P_mean, P_std²)
     P_std: float = 1.2
@@ -76,6 +76,8 @@ class LossConfig:
     tcm_boundary: float = 0.25              # TCM: share of each batch at t = t' (the boundary rows) ...
     tcm_w_boundary: float = 0.1             # ... and the weight of their mean loss beside the others' mean
     cmt_steps: int = 9                      # CMT: DPM-Solver++(2M) levels (= NFE) of the teacher's trajectories
+    scm_warmup: int = 0                     # sCM: tangent warm-up iterations (0: a tenth of the run, frozen at creation)
+    scm_c: float = 0.1                      # sCM: tangent normalisation g/(‖g‖ + c)
 
 
 @dataclass(frozen=True)
@@ -195,7 +197,7 @@ _AT_LEAST = {"batch": 1, "steps": 1, "ckpt_every": 1, "sample_every": 1, "log_ev
              "max_nonfinite": 1, "net.model_channels": 1, "net.channel_mult_emb": 1, "net.num_blocks": 1,
              "net.img_resolution": 1, "net.in_channels": 1, "net.label_dim": 0, "loss.stages": 1,
              "loss.stage_iters": 0, "loss.sct_refs": 0, "loss.tcm_stage": 0, "loss.dt_floor": 0, "loss.tcm_w_boundary": 0,
-             "loss.cmt_steps": 2, "net.truncate_t": 0, "optim.lr": 0, "optim.warmup_steps": 0, "optim.lr_ref_steps": 0,
+             "loss.cmt_steps": 2, "loss.scm_warmup": 0, "loss.scm_c": 0, "net.truncate_t": 0, "optim.lr": 0, "optim.warmup_steps": 0, "optim.lr_ref_steps": 0,
              "sample.heun_steps": 1, "sample.grid": 1, "eval.every_kimg": 0, "eval.n": 2}
 
 

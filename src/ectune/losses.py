@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.autograd import forward_ad
 
 from .errors import EctuneError
 from .rng import replayed, rng_state
@@ -221,3 +222,68 @@ def cmt_loss(D: Denoiser, teacher: Denoiser, t: torch.Tensor, noise: torch.Tenso
     online = _call(D, x_t, t, None if labels is None else labels.repeat_interleave(m, dim=0))
     target = end.to(online.dtype).repeat_interleave(m, dim=0)
     return pseudo_huber(_sum_pixels((online - target) ** 2), c)
+
+
+def trigflow_consistency(D: Denoiser, x_t: torch.Tensor, s: torch.Tensor, *, sigma_data: float = 0.5,
+                         class_labels=None) -> torch.Tensor:
+    """The consistency function of TrigFlow time s (Lu & Song 2024) through an EDM denoiser, (B, C, H, W).
+
+    With x_t = cos s·x0 + sin s·σd·ε the EDM point is x_t / cos s = x0 + σε at σ = σd·tan s, and EDM's
+    preconditioning (c_skip = cos²s, c_out = σd·sin s, c_in = cos s/σd there) makes
+    f(x_t, s) = D(x_t / cos s, σd·tan s) = cos s·x_t − σd·sin s·F(x_t/σd, s): TrigFlow's form, with its
+    network F = −F_EDM and the time embedding c_noise = ln(σd·tan s)/4. Differentiable in x_t and s.
+    """
+    return _call(D, x_t / _bcast(torch.cos(s)), sigma_data * torch.tan(s), class_labels)
+
+
+def _load_forward_ad() -> None:
+    """Import what torch's forward-mode AD loads on first use, without its TorchScript deprecation
+    warning (torch's own, from its JVP decompositions; not something a user can act on)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=DeprecationWarning)
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
+
+
+@torch.no_grad()
+def scm_tangent(D: Denoiser, x_t: torch.Tensor, s: torch.Tensor, v: torch.Tensor, *, warmup: float = 1.0,
+                sigma_data: float = 0.5, class_labels=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """sCM's tangent at TrigFlow time s along the velocity v = dx_t/ds, without normalisation: (F, g).
+
+    F = (cos s·x_t − f)/(σd·sin s) with f = :func:`trigflow_consistency`, and g = cos s·df/ds where
+    df/ds = −cos s·(σd·F − v) − sin s·(x_t + σd·dF/ds) is f's total derivative along v (one JVP of D
+    in x_t and s), its second term scaled by `warmup` (sCM's tangent warm-up). g = 0 for a consistency
+    function of the ODE whose velocity v is. No gradients; D's random draws (dropout) as the caller's RNG gives.
+    """
+    cos, sin = _bcast(torch.cos(s)), _bcast(torch.sin(s))
+    _load_forward_ad()
+    with forward_ad.dual_level():
+        out = trigflow_consistency(D, forward_ad.make_dual(x_t, v), forward_ad.make_dual(s, torch.ones_like(s)),
+                                   sigma_data=sigma_data, class_labels=class_labels)
+        f_s, df_ds = forward_ad.unpack_dual(out)
+    F = (cos * x_t - f_s) / (sigma_data * sin)
+    first = -cos * (sigma_data * F - v)                                         # the part without dF/ds
+    return F, cos * (first + warmup * (df_ds - first))
+
+
+def scm_loss(D: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, *, warmup: float = 1.0,
+             c: float = 0.1, sigma_data: float = 0.5, class_labels=None) -> torch.Tensor:
+    """Continuous-time consistency training (sCT; Lu & Song 2024, TrigFlow), (B,), through an EDM D.
+
+    s = arctan(σ/σd), x_t = cos s·x0 + sin s·σd·ε and the training velocity v = dx_t/ds =
+    cos s·σd·ε − sin s·x0. The tangent g of :func:`scm_tangent` (with the online pass's dropout masks)
+    is normalised to g/(‖g‖ + c) per sample. The loss is ‖F_θ − sg[F_θ] − g‖² summed over pixels, with
+    F_θ = (cos s·x_t − f_θ)/(σd·sin s): its value is ‖g‖², its gradient −2·gᵀ∂F_θ/∂θ (sCM's objective
+    without its adaptive weighting).
+    """
+    s = torch.atan(sigma.double() / sigma_data).to(x0.dtype)                  # (B,) TrigFlow time
+    cos, sin = _bcast(torch.cos(s)), _bcast(torch.sin(s))
+    x_t = cos * x0 + sin * sigma_data * noise
+    v = cos * sigma_data * noise - sin * x0
+    start = rng_state(x0.device)
+    online = trigflow_consistency(D, x_t, s, sigma_data=sigma_data, class_labels=class_labels)
+    F_online = (cos * x_t - online) / (sigma_data * sin)
+    with replayed(x0.device, start):
+        F_minus, g = scm_tangent(D, x_t, s, v, warmup=warmup, sigma_data=sigma_data, class_labels=class_labels)
+    g = g / (_bcast(_sum_pixels(g ** 2).sqrt()) + c)
+    return _sum_pixels((F_online - F_minus - g) ** 2)

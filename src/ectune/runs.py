@@ -75,7 +75,7 @@ def train_run(cfg: RunConfig, out: Path, ds, D, *, device, teacher=None, resume:
 
 def freeze(cfg: RunConfig, out: Path) -> RunConfig:
     """`cfg` with the schedule lengths that follow --steps fixed: by its method when the run is
-    created (ECT's stage length, iCT's curriculum), from its config.json when it is continued (so a
+    created (ECT's stage length, iCT's curriculum, sCM's warm-up), from its config.json when it is continued (so a
     larger --steps extends the run instead of moving its stage boundaries)."""
     from .methods import method
     try:
@@ -86,7 +86,8 @@ def freeze(cfg: RunConfig, out: Path) -> RunConfig:
         return method(cfg.loss.method).freeze(cfg)
     L = cfg.loss
     return replace(cfg, loss=replace(L, stage_iters=L.stage_iters or old.loss.stage_iters,
-                                     ict_total_steps=L.ict_total_steps or old.loss.ict_total_steps))
+                                     ict_total_steps=L.ict_total_steps or old.loss.ict_total_steps,
+                                     scm_warmup=L.scm_warmup or old.loss.scm_warmup))
 
 
 def open_run(cfg: RunConfig, out: Path, resume: str, fp: dict | None, held: contextlib.ExitStack) -> None:

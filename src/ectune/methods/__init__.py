@@ -13,10 +13,11 @@ from .cmt import CMT
 from .ect import ECT
 from .edm import EDM
 from .ict import ICT
+from .scm import SCM
 from .sct import SCT
 from .tcm import TCM
 
-METHODS: dict[str, Method] = {m.name: m for m in (EDM, ECT, SCT, ICT, CD, TCM, CMT)}
+METHODS: dict[str, Method] = {m.name: m for m in (EDM, ECT, SCT, ICT, CD, TCM, CMT, SCM)}
 TUNE_METHODS = tuple(name for name, m in METHODS.items() if m.kind == "tune")
 
 
