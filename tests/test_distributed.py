@@ -50,7 +50,7 @@ def _torchrun(args, nproc=2):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("method", ["ect", "ict", "cd"])
+@pytest.mark.parametrize("method", ["ect", "ict", "cd", "scm"])
 def test_two_gloo_processes_match_one_process(setup, method):
     # CD starts with student = teacher, so with c = 0 its first r = 0 rows have distance ~1e-12 whose
     # unit-norm gradient is float rounding noise; a pseudo-Huber c makes the comparison meaningful.
