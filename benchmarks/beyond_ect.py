@@ -63,7 +63,7 @@ RECIPES = {
     "sct-pm02-ps24-ema015": ("sct", ["loss.P_mean=-0.2", "loss.P_std=2.4", "ema.sigma_rel=0.015"]),   # fmnist-short
     "cmt": ("cmt", ["ema.sigma_rel=0.015"]),  # consistency mid-training alone (the first stage below)
     "cmt+sct-pm06-ema015": ("sct", ["loss.P_mean=-0.6", "ema.sigma_rel=0.015"]),   # CMT for a quarter, then SCT
-    "scm": ("scm", ["loss.P_mean=-1.0", "loss.P_std=1.4"]),     # continuous time, sCM's CIFAR-10 ln σ ~ N(−1.0, 1.4²)
+    "scm": ("scm", []),                     # continuous time, with sCM's CIFAR-10 ln σ ~ N(−1.0, 1.4²) (its recipe)
 }
 STAGE1 = {"sct-pm06+tcm": ("sct-pm06", 2), "cmt+sct-pm06-ema015": ("cmt", 4)}   # (first stage, 1/its share)
 FIRST_STAGES_ONLY = {"cmt"}                     # not in the default --recipes: only a first stage there

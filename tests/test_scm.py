@@ -156,3 +156,11 @@ def test_a_tiny_scm_run_trains_and_freezes_its_warmup(tmp_path, blobs):
     r = train_run(longer, tmp_path / "run", ds, build_denoiser(net), device=torch.device("cpu"), progress=False)
     assert r.step == 30 and json.loads((tmp_path / "run" / "config.json").read_text())["loss"]["scm_warmup"] == 2
     assert METHODS["scm"].kind == "tune"
+
+
+def test_scm_tunes_with_scms_time_distribution_unless_set(tiny_teacher, tmp_path):
+    from ectune.start import configure, tune_base
+    base = tune_base("scm", str(tiny_teacher / "teacher"), None, str(tiny_teacher / "d.npz"), tmp_path / "out")
+    assert (base.cfg.loss.method, base.cfg.loss.P_mean, base.cfg.loss.P_std) == ("scm", -1.0, 1.4)
+    cfg = configure(base.cfg, overrides=["loss.P_mean=-0.2"])
+    assert (cfg.loss.P_mean, cfg.loss.P_std) == (-0.2, 1.4)
