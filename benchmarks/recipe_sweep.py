@@ -4,6 +4,7 @@ the choice.
 
     .venv/bin/python benchmarks/recipe_sweep.py --seeds 0                # screening, one seed
     .venv/bin/python benchmarks/recipe_sweep.py --seeds 1 --settings base,lr2e-4   # confirm on another
+    .venv/bin/python benchmarks/recipe_sweep.py --outputs-only            # the outputs from the cached rows
 
 Run the same command in two shells to use two cores: each finished setting is cached (runs in --runs,
 rows in --out/rows) and a setting another process is tuning is skipped, then waited for at the end.
@@ -133,6 +134,8 @@ def main() -> None:
     ap.add_argument("--n-search", type=int, default=500)
     ap.add_argument("--teacher", default=str(shipped_teacher()))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--outputs-only", action="store_true", help="write the table and plot from the settings "
+                    "already cached (in a fresh clone: the committed rows) and tune nothing")
     ap.add_argument("--gamma-settings", default="ema0.015,pmean-0.2-pstd2.4-ema0.015",
                     help="settings whose γ-sampling row is computed (others show a cached one, else —)")
     args = ap.parse_args()
@@ -143,7 +146,7 @@ def main() -> None:
     out, runs, cache = Path(args.out), Path(args.runs), RowCache(Path(args.out))
     ref, seeds = reference(), list(range(SWEEP_SEED0, SWEEP_SEED0 + args.n))
     todo = [(name, int(s)) for name in args.settings.split(",") for s in args.seeds.split(",")]
-    for wait in (False, True):                  # first whatever no other process is doing, then the rest
+    for wait in () if args.outputs_only else (False, True):    # first what no other process is doing, then the rest
         for name, seed in todo:
             cache.get(f"setting-{name}-s{seed}", lambda: tune_and_score(cache, runs, name, seed, args, seeds, ref),
                       wait=wait)
