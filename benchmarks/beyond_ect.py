@@ -21,6 +21,7 @@ row uses CTM's γ-sampling, mid time and γ searched together on the same held-o
     cmt+sct-pm06-ema015  cmt for a quarter of the steps, then sct-pm06-ema015 from it for the rest
     scm          continuous-time consistency training (`--method scm`: sCT of sCM through the EDM teacher, one
                  JVP per iteration) with sCM's own CIFAR-10 time distribution, ln σ ~ N(−1.0, 1.4²)
+    scm-pm02-ps24-ema015  the same with fmnist-short's time distribution and EMA
 
 With --headline-n 10000 the --headline-recipes (exact ECT and fmnist-short's recipe) are also scored
 on that many seeds (0, 1, ...; the same mid times and γ), beside their --n rows.
@@ -64,6 +65,7 @@ RECIPES = {
     "cmt": ("cmt", ["ema.sigma_rel=0.015"]),  # consistency mid-training alone (the first stage below)
     "cmt+sct-pm06-ema015": ("sct", ["loss.P_mean=-0.6", "ema.sigma_rel=0.015"]),   # CMT for a quarter, then SCT
     "scm": ("scm", []),                     # continuous time, with sCM's CIFAR-10 ln σ ~ N(−1.0, 1.4²) (its recipe)
+    "scm-pm02-ps24-ema015": ("scm", ["loss.P_mean=-0.2", "loss.P_std=2.4", "ema.sigma_rel=0.015"]),   # fmnist-short's
 }
 STAGE1 = {"sct-pm06+tcm": ("sct-pm06", 2), "cmt+sct-pm06-ema015": ("cmt", 4)}   # (first stage, 1/its share)
 FIRST_STAGES_ONLY = {"cmt"}                     # not in the default --recipes: only a first stage there
