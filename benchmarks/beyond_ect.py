@@ -27,8 +27,9 @@ With --headline-n 10000 the --headline-recipes (exact ECT and fmnist-short's rec
 on that many seeds (0, 1, ...; the same mid times and γ), beside their --n rows.
 
 With --big-steps 6000 the --big-recipes are also tuned for that many steps (6,000 × 64 = 384k images, 10%
-of the teacher's pretraining images) on --big-seeds, with the same rows; exact ECT's rows at that budget
-come from the main benchmark's cache (benchmarks/ect_benchmark.py --budgets ...,6000), when it is there.
+of the teacher's pretraining images) on --big-seeds, with the same rows (by default exact ECT and the
+preset's recipe); the main benchmark's exact-ECT rows at that budget (benchmarks/ect_benchmark.py --budgets
+...,6000) are shown beside them when its cache has them, as "ect (main benchmark)" (summary keys ect_main_*).
 With --headline-n too, these rows are also scored on that many seeds.
 
 With --curve 100,200,800 the recipes of --curve-recipes are also tuned for those step budgets (their
@@ -220,7 +221,8 @@ def write_outputs(out: Path, summary: dict, args, big_rows: dict | None = None) 
         keys["best_method_gamma"] = min(searched, key=searched.get)
     keys["beyond_ect_budget_images"] = args.steps * args.batch
     for name, r in (big_rows or {}).items():              # e.g. sct_pm02_ps24_ema015_2step_fd_384k (mean over seeds)
-        key, tag = name.split(" ")[0].replace("-", "_"), f"{r['images'] // 1000}k"
+        key = name.replace(" (main benchmark)", "_main").replace("-", "_")     # (ect_main_*: the main benchmark's run)
+        tag = f"{r['images'] // 1000}k"
         keys.update({f"{key}_{k}_fd_{tag}{n}": float(np.mean(r[f"{k}_fd{n}_seeds"]))
                      for k in ROW_KINDS for n in ("", f"_{big}") if r.get(f"{k}_fd{n}_seeds")})
     path.write_text(json.dumps(keys, indent=1))
@@ -288,7 +290,7 @@ def main() -> None:
     ap.add_argument("--headline-recipes", default="ect,sct-pm02-ps24-ema015", help="exact ECT and the preset's recipe")
     ap.add_argument("--big-steps", type=int, default=0, help="also tune the --big-recipes for this many steps "
                     "(e.g. 6000: 384k images, 10%% of pretraining)")
-    ap.add_argument("--big-recipes", default="sct-pm02-ps24-ema015")
+    ap.add_argument("--big-recipes", default="ect,sct-pm02-ps24-ema015")
     ap.add_argument("--big-seeds", default="0")
     ap.add_argument("--curve", default="", help="more step budgets (e.g. 100,200,800) for the plot of FD against "
                     "tuning images, beside --steps")
