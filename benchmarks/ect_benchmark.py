@@ -126,7 +126,7 @@ def main() -> None:
     E = LazyRun(runs / f"ect-w16-{big}")                    # loaded only for rows that are not cached
     ect = consistency_rows(cache, E, f"ect-w16-{big}", seeds, ref, args.n_search)
     cost = cache.get("iteration-cost", lambda: iteration_cost(args.teacher, args.batch))   # 3. cost
-    speed = cache.get(f"throughput-{big}", lambda: throughput(T, E.denoiser()[0], ect["mid_ts"]))
+    speed = cache.get(f"throughput-{big}", lambda: throughput(T, E.denoiser, ect["mid_ts"]))
     inc = inception_rows(cache, T, E, ect["mid_ts"], args.inception_n, big)
     scaling = {w: scaling_fit(models, w, widths_budgets[w], teacher_rows[w]["fd"]) for w in teachers}
     summary = summarise(args, diffusion, heun35, ect, models, cost, speed, scaling, inc, len(seeds_c))
@@ -188,7 +188,7 @@ def inception_rows(cache, T, E: LazyRun, mid_ts, n: int, big: int) -> dict:
     if n <= 0:
         return {}
     return {"ect_2step": cache.get(f"inception{n}-ect-{big}-2step", lambda: inception_row(
-                E.denoiser()[0], n, "ECT 2 steps", Sampler.consistency([80.0, *mid_ts]))),
+                E.denoiser, n, "ECT 2 steps", Sampler.consistency([80.0, *mid_ts]))),
             "teacher_heun35": cache.get(f"inception{n}-teacher-heun35", lambda: inception_row(
                 T, n, "teacher Heun 35 NFE", Sampler.heun(18)))}
 

@@ -106,14 +106,13 @@ def set_rows(args, cache, ref, seeds, name: str, data: str, size: int | None) ->
            **consistency_rows(cache, run, f"{name}-{args.steps}", seeds, ref, args.n_search)}
     if name.startswith("subset-"):
         sub_ref, mid = functools.cache(lambda: subset_reference(args.subset)), row["mid_ts"]
-        D = lambda: run.denoiser()[0]                         # noqa: E731
         tag = f"n{args.n}-{name}-{args.steps}"
         row["vs_subset_test"] = {
             "set": cache.get(f"n{args.n}-set-{name}-vs-subset", lambda: score_samples(first(), sub_ref())),
             "1step": cache.get(f"{tag}-1step-vs-subset", lambda: score_row(
-                D(), seeds, sub_ref(), Sampler.consistency([80.0]), label=f"{name} 1 step vs its classes")),
+                run.denoiser, seeds, sub_ref(), Sampler.consistency([80.0]), label=f"{name} 1 step vs its classes")),
             "2step": cache.get(f"{tag}-2step-mid{mid[0]:.4g}-vs-subset", lambda: score_row(
-                D(), seeds, sub_ref(), Sampler.consistency([80.0, *mid]), label=f"{name} 2 steps vs its classes"))}
+                run.denoiser, seeds, sub_ref(), Sampler.consistency([80.0, *mid]), label=f"{name} 2 steps vs its classes"))}
     return row
 
 

@@ -56,7 +56,10 @@ def _torchrun(args, nproc=2):
     if proc.returncode != 0 and "SIGABRT" in proc.stderr:
         print(f"torchrun: a rank aborted (SIGABRT); running once more. Its output began:\n{proc.stderr[:3000]}")
         out = Path(args[args.index("--out") + 1])
-        shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink(missing_ok=True)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     return proc
 

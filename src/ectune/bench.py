@@ -6,6 +6,7 @@ compute seconds and iteration cost of a run's method.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -129,24 +130,19 @@ class LazyRun:
 
     def __init__(self, make: Callable[[], Path] | Path):
         self._make = make if callable(make) else (lambda: Path(make))
-        self._path: Path | None = None
-        self._loaded: dict = {}
 
     @property
     def made(self) -> bool:
-        return self._path is not None
+        return "path" in self.__dict__
 
-    @property
+    @functools.cached_property
     def path(self) -> Path:
-        if self._path is None:
-            self._path = Path(self._make())
-        return self._path
+        return Path(self._make())
 
-    def denoiser(self, which: str = "ema"):
-        """(D, cfg) of the run's `which` weights, loaded once."""
-        if which not in self._loaded:
-            self._loaded[which] = load_denoiser(self.path, which=which)
-        return self._loaded[which]
+    @functools.cached_property
+    def denoiser(self):
+        """The run's EMA denoiser, loaded once."""
+        return load_denoiser(self.path)[0]
 
 
 def run_facts(cache: RowCache, name: str, run: LazyRun) -> dict:
@@ -164,7 +160,7 @@ def consistency_rows(cache: RowCache, run: LazyRun | Path, name: str, seeds, ref
     CTM's γ-sampling ("2step_gamma"), mid time and γ searched together on the same held-out seeds.
     The run is made and loaded only for the rows that are not cached yet."""
     run = run if isinstance(run, LazyRun) else LazyRun(run)
-    D = lambda: run.denoiser()[0]       # noqa: E731  (loads the run on first use)
+    D = lambda: run.denoiser            # noqa: E731  (loads the run on first use)
     tag = f"n{len(seeds)}"
     held = list(range(HELDOUT_SEED0, HELDOUT_SEED0 + n_search))
 

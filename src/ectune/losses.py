@@ -5,6 +5,7 @@ All losses are deterministic given their inputs: noise levels and noise are argu
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -236,6 +237,12 @@ def trigflow_consistency(D: Denoiser, x_t: torch.Tensor, s: torch.Tensor, *, sig
     return _call(D, x_t / _bcast(torch.cos(s)), sigma_data * torch.tan(s), class_labels)
 
 
+def trigflow_network(x_t: torch.Tensor, f: torch.Tensor, s: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
+    """TrigFlow's network output F from the consistency function's value f = cos s·x_t − σd·sin s·F."""
+    return (_bcast(torch.cos(s)) * x_t - f) / (sigma_data * _bcast(torch.sin(s)))
+
+
+@functools.cache
 def _load_forward_ad() -> None:
     """Import what torch's forward-mode AD loads on first use, without its TorchScript deprecation
     warning (torch's own, from its JVP decompositions; not something a user can act on)."""
@@ -255,13 +262,13 @@ def scm_tangent(D: Denoiser, x_t: torch.Tensor, s: torch.Tensor, v: torch.Tensor
     in x_t and s), its second term scaled by `warmup` (sCM's tangent warm-up). g = 0 for a consistency
     function of the ODE whose velocity v is. No gradients; D's random draws (dropout) as the caller's RNG gives.
     """
-    cos, sin = _bcast(torch.cos(s)), _bcast(torch.sin(s))
+    cos = _bcast(torch.cos(s))
     _load_forward_ad()
     with forward_ad.dual_level():
         out = trigflow_consistency(D, forward_ad.make_dual(x_t, v), forward_ad.make_dual(s, torch.ones_like(s)),
                                    sigma_data=sigma_data, class_labels=class_labels)
         f_s, df_ds = forward_ad.unpack_dual(out)
-    F = (cos * x_t - f_s) / (sigma_data * sin)
+    F = trigflow_network(x_t, f_s, s, sigma_data)
     first = -cos * (sigma_data * F - v)                                         # the part without dF/ds
     return F, cos * (first + warmup * (df_ds - first))
 
@@ -281,8 +288,8 @@ def scm_loss(D: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Te
     x_t = cos * x0 + sin * sigma_data * noise
     v = cos * sigma_data * noise - sin * x0
     start = rng_state(x0.device)
-    online = trigflow_consistency(D, x_t, s, sigma_data=sigma_data, class_labels=class_labels)
-    F_online = (cos * x_t - online) / (sigma_data * sin)
+    F_online = trigflow_network(x_t, trigflow_consistency(D, x_t, s, sigma_data=sigma_data,
+                                                          class_labels=class_labels), s, sigma_data)
     with replayed(x0.device, start):
         F_minus, g = scm_tangent(D, x_t, s, v, warmup=warmup, sigma_data=sigma_data, class_labels=class_labels)
     g = g / (_bcast(_sum_pixels(g ** 2).sqrt()) + c)
